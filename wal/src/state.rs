@@ -1,0 +1,269 @@
+//! The in-memory view of the log: which entries are pending, which are dead
+//! letters, where their records lie, and what each segment still holds.
+//!
+//! Recovery and the live writer build it with the same [`State::apply`], frame by
+//! frame, so what a restart rebuilds is by construction what the running process had.
+
+use crate::format::{self, BodyError, Checkpoint, DeadRef, Kind, Record};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::SystemTime;
+use uuid::Uuid;
+
+/// Why an entry is not yet delivered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tracked {
+    /// Waiting for delivery.
+    Pending,
+    /// A dead letter.
+    Dead {
+        /// Delivery attempts made.
+        attempts: u32,
+        /// Why it failed.
+        reason: String,
+    },
+}
+
+/// A not-yet-delivered entry and where its record lies.
+#[derive(Debug, Clone)]
+pub(crate) struct Meta {
+    pub id: Uuid,
+    pub source: Arc<str>,
+    pub destination: Arc<str>,
+    pub offset: u64,
+    pub status: Tracked,
+}
+
+/// What the state knows of one segment.
+#[derive(Debug, Clone)]
+pub(crate) struct SegInfo {
+    /// Bytes in the file.
+    pub bytes: u64,
+    /// Pending entries whose ENTRY record is in this segment.
+    pub live: u64,
+    /// Last modification (seal) time, for retention.
+    pub modified: SystemTime,
+}
+
+/// Totals over a whole scan (offline stats).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Totals {
+    pub records: u64,
+    pub entries: u64,
+    pub delivered: u64,
+    /// FAILED records seen (an entry failed, requeued and failed again counts twice).
+    pub failed_records: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct State {
+    pub tracked: BTreeMap<u64, Meta>,
+    pub by_id: HashMap<Uuid, u64>,
+    pub segments: BTreeMap<u64, SegInfo>,
+    names: HashSet<Arc<str>>,
+    pub pending: u64,
+    pub dead: u64,
+    pub totals: Totals,
+}
+
+impl State {
+    fn intern(&mut self, s: &str) -> Arc<str> {
+        if let Some(a) = self.names.get(s) {
+            return a.clone();
+        }
+        let a: Arc<str> = Arc::from(s);
+        self.names.insert(a.clone());
+        a
+    }
+
+    /// First LSN of the segment holding `lsn`.
+    pub fn segment_of(&self, lsn: u64) -> Option<u64> {
+        self.segments.range(..=lsn).next_back().map(|(k, _)| *k)
+    }
+
+    /// Bytes of all segments.
+    pub fn total_bytes(&self) -> u64 {
+        self.segments.values().map(|s| s.bytes).sum()
+    }
+
+    /// Track an entry read from `body` (an ENTRY body) at `offset` of its segment.
+    pub fn insert_entry(
+        &mut self,
+        lsn: u64,
+        offset: u64,
+        body: &[u8],
+        status: Tracked,
+    ) -> Result<(), BodyError> {
+        let e = format::decode_entry_ref(body)?;
+        let meta = Meta {
+            id: e.id,
+            source: self.intern(e.source),
+            destination: self.intern(e.destination),
+            offset,
+            status,
+        };
+        let pending = meta.status == Tracked::Pending;
+        self.by_id.insert(meta.id, lsn);
+        if let Some(old) = self.tracked.insert(lsn, meta) {
+            // Only a forged log repeats an LSN; keep counts honest anyway.
+            self.forget_counts(lsn, &old.status);
+        }
+        if pending {
+            self.pending += 1;
+            self.seg_live(lsn, 1);
+        } else {
+            self.dead += 1;
+        }
+        Ok(())
+    }
+
+    fn seg_live(&mut self, lsn: u64, delta: i64) {
+        if let Some(first) = self.segment_of(lsn) {
+            let s = self.segments.get_mut(&first).expect("segment_of returned a key");
+            s.live = s.live.saturating_add_signed(delta);
+        }
+    }
+
+    fn forget_counts(&mut self, lsn: u64, status: &Tracked) {
+        match status {
+            Tracked::Pending => {
+                self.pending -= 1;
+                self.seg_live(lsn, -1);
+            }
+            Tracked::Dead { .. } => self.dead -= 1,
+        }
+    }
+
+    /// Drop an entry from tracking (delivered, or expired with its segment).
+    fn remove(&mut self, lsn: u64) -> bool {
+        match self.tracked.remove(&lsn) {
+            Some(m) => {
+                self.by_id.remove(&m.id);
+                self.forget_counts(lsn, &m.status);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Apply one valid frame that lies at `offset` of the segment starting at `seg`.
+    pub fn apply(&mut self, offset: u64, lsn: u64, kind: Kind, body: &[u8]) -> Result<(), BodyError> {
+        self.totals.records += 1;
+        match kind {
+            Kind::Entry => {
+                self.totals.entries += 1;
+                self.insert_entry(lsn, offset, body, Tracked::Pending)?;
+            }
+            _ => match format::decode_record(kind, body)? {
+                Record::Delivered(lsns) => {
+                    for l in lsns {
+                        if self.remove(l) {
+                            self.totals.delivered += 1;
+                        }
+                    }
+                }
+                Record::Failed {
+                    lsn: target,
+                    attempts,
+                    reason,
+                } => {
+                    self.totals.failed_records += 1;
+                    self.mark_dead(target, attempts, reason);
+                }
+                Record::Requeued(lsns) => {
+                    for l in lsns {
+                        self.requeue(l);
+                    }
+                }
+                Record::Checkpoint(cp) => self.apply_checkpoint(lsn, &cp),
+                Record::Entry(_) => unreachable!("handled above"),
+            },
+        }
+        Ok(())
+    }
+
+    fn mark_dead(&mut self, lsn: u64, attempts: u32, reason: String) {
+        let Some(m) = self.tracked.get_mut(&lsn) else {
+            return;
+        };
+        let was_pending = m.status == Tracked::Pending;
+        m.status = Tracked::Dead { attempts, reason };
+        if was_pending {
+            self.pending -= 1;
+            self.dead += 1;
+            self.seg_live(lsn, -1);
+        }
+    }
+
+    fn requeue(&mut self, lsn: u64) {
+        let Some(m) = self.tracked.get_mut(&lsn) else {
+            return;
+        };
+        if matches!(m.status, Tracked::Dead { .. }) {
+            m.status = Tracked::Pending;
+            self.dead -= 1;
+            self.pending += 1;
+            self.seg_live(lsn, 1);
+        }
+    }
+
+    /// A checkpoint lists every undelivered entry before it: anything tracked
+    /// before it and not listed was delivered (its marker may lie in a segment
+    /// that retention removed). Dead letters take the checkpoint's word.
+    fn apply_checkpoint(&mut self, cp_lsn: u64, cp: &Checkpoint) {
+        let listed: HashSet<u64> = cp
+            .pending
+            .iter()
+            .map(|(l, _)| *l)
+            .chain(cp.dead.iter().map(|d| d.lsn))
+            .collect();
+        let gone: Vec<u64> = self
+            .tracked
+            .range(..cp_lsn)
+            .map(|(l, _)| *l)
+            .filter(|l| !listed.contains(l))
+            .collect();
+        for l in gone {
+            if self.remove(l) {
+                self.totals.delivered += 1;
+            }
+        }
+        for d in &cp.dead {
+            if self.tracked.get(&d.lsn).map(|m| &m.status) == Some(&Tracked::Pending) {
+                self.mark_dead(d.lsn, d.attempts, d.reason.clone());
+            }
+        }
+    }
+
+    /// The checkpoint describing this state.
+    pub fn checkpoint(&self) -> Checkpoint {
+        let mut cp = Checkpoint::default();
+        for (lsn, m) in &self.tracked {
+            match &m.status {
+                Tracked::Pending => cp.pending.push((*lsn, m.offset)),
+                Tracked::Dead { attempts, reason } => cp.dead.push(DeadRef {
+                    lsn: *lsn,
+                    offset: m.offset,
+                    attempts: *attempts,
+                    reason: reason.clone(),
+                }),
+            }
+        }
+        cp
+    }
+
+    /// Forget a deleted segment and the dead letters whose records went with it.
+    pub fn drop_segment(&mut self, first: u64, next_first: u64) -> u64 {
+        let expired: Vec<u64> = self
+            .tracked
+            .range(first..next_first)
+            .map(|(l, _)| *l)
+            .collect();
+        let n = expired.len() as u64;
+        for l in expired {
+            self.remove(l);
+        }
+        self.segments.remove(&first);
+        n
+    }
+}
