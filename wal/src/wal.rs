@@ -82,7 +82,8 @@ impl Shared {
 struct Handle {
     shared: Arc<Shared>,
     thread: Mutex<Option<JoinHandle<()>>>,
-    _lock: File,
+    /// The directory lock, released once the writer has stopped.
+    lock: Mutex<Option<File>>,
 }
 
 impl Handle {
@@ -96,6 +97,7 @@ impl Handle {
         if let Some(t) = t {
             let _ = t.join();
         }
+        self.lock.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
 }
 
@@ -282,7 +284,7 @@ impl Wal {
             handle: Arc::new(Handle {
                 shared: shared.clone(),
                 thread: Mutex::new(Some(thread)),
-                _lock: lock,
+                lock: Mutex::new(Some(lock)),
             }),
             shared,
             report: Arc::new(report),
