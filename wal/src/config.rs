@@ -100,7 +100,9 @@ impl Default for WalConfig {
 impl WalConfig {
     pub(crate) fn validate(&self) -> Result<(), WalError> {
         if self.segment_bytes < 4096 {
-            return Err(WalError::Config("segment_bytes must be at least 4KiB".into()));
+            return Err(WalError::Config(
+                "segment_bytes must be at least 4KiB".into(),
+            ));
         }
         if self.max_record_bytes == 0 || self.max_record_bytes > crate::format::MAX_FRAME_BODY {
             return Err(WalError::Config(

@@ -37,7 +37,11 @@ pub const MAX_NAME_LEN: usize = u16::MAX as usize;
 
 impl Entry {
     /// A new entry with a fresh UUIDv7 and the current time.
-    pub fn new(source: impl Into<String>, destination: impl Into<String>, payload: Vec<u8>) -> Self {
+    pub fn new(
+        source: impl Into<String>,
+        destination: impl Into<String>,
+        payload: Vec<u8>,
+    ) -> Self {
         Entry {
             id: Uuid::now_v7(),
             source: source.into(),

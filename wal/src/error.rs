@@ -81,7 +81,10 @@ impl WalError {
     /// The disk is full or the quota reached: the caller should answer "unavailable,
     /// retry later"; nothing was written.
     pub fn is_out_of_space(&self) -> bool {
-        matches!(self, WalError::NoSpace { .. } | WalError::QuotaExceeded { .. })
+        matches!(
+            self,
+            WalError::NoSpace { .. } | WalError::QuotaExceeded { .. }
+        )
     }
 
     /// Data on disk is damaged.

@@ -515,7 +515,10 @@ pub fn decode_record(kind: Kind, body: &[u8]) -> Result<Record, BodyError> {
 
 /// File name of the segment whose first record has `first_lsn`.
 pub fn segment_file_name(first_lsn: u64) -> String {
-    format!("{first_lsn:0width$}{SEGMENT_SUFFIX}", width = SEGMENT_NAME_DIGITS)
+    format!(
+        "{first_lsn:0width$}{SEGMENT_SUFFIX}",
+        width = SEGMENT_NAME_DIGITS
+    )
 }
 
 /// The first LSN a segment file name stands for, if it is one.
@@ -550,7 +553,10 @@ mod tests {
         for i in 0..SEGMENT_HEADER_LEN {
             let mut d = h;
             d[i] ^= 0x10;
-            assert!(decode_segment_header(&d).is_err(), "flip at byte {i} accepted");
+            assert!(
+                decode_segment_header(&d).is_err(),
+                "flip at byte {i} accepted"
+            );
         }
         assert_eq!(decode_segment_header(&h[..10]), Err(HeaderError::Short));
     }

@@ -73,12 +73,13 @@ impl Reader {
             };
             let (from, upto) = (self.from, self.upto);
             let ready = &mut self.ready;
-            let walk = scan::walk_segment(seg, &buf, self.prev_lsn, newest, self.policy, |_, f| {
-                if f.lsn >= from && f.lsn <= upto {
-                    ready.push_back((f.lsn, format::decode_record(f.kind, f.body)?));
-                }
-                Ok(())
-            })?;
+            let walk =
+                scan::walk_segment(seg, &buf, self.prev_lsn, newest, self.policy, |_, f| {
+                    if f.lsn >= from && f.lsn <= upto {
+                        ready.push_back((f.lsn, format::decode_record(f.kind, f.body)?));
+                    }
+                    Ok(())
+                })?;
             if let Some(l) = walk.last_lsn {
                 self.prev_lsn = l;
             }

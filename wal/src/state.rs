@@ -119,7 +119,10 @@ impl State {
 
     fn seg_live(&mut self, lsn: u64, delta: i64) {
         if let Some(first) = self.segment_of(lsn) {
-            let s = self.segments.get_mut(&first).expect("segment_of returned a key");
+            let s = self
+                .segments
+                .get_mut(&first)
+                .expect("segment_of returned a key");
             s.live = s.live.saturating_add_signed(delta);
         }
     }
@@ -147,7 +150,13 @@ impl State {
     }
 
     /// Apply one valid frame that lies at `offset` of the segment starting at `seg`.
-    pub fn apply(&mut self, offset: u64, lsn: u64, kind: Kind, body: &[u8]) -> Result<(), BodyError> {
+    pub fn apply(
+        &mut self,
+        offset: u64,
+        lsn: u64,
+        kind: Kind,
+        body: &[u8],
+    ) -> Result<(), BodyError> {
         self.totals.records += 1;
         match kind {
             Kind::Entry => {

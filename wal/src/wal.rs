@@ -172,7 +172,9 @@ pub struct Wal {
 
 impl std::fmt::Debug for Wal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Wal").field("dir", &self.shared.dir).finish()
+        f.debug_struct("Wal")
+            .field("dir", &self.shared.dir)
+            .finish()
     }
 }
 
@@ -467,7 +469,11 @@ impl Wal {
 
     /// Status of a tracked (pending or dead) entry, by LSN.
     pub fn status_of(&self, lsn: u64) -> Option<Tracked> {
-        self.shared.state().tracked.get(&lsn).map(|m| m.status.clone())
+        self.shared
+            .state()
+            .tracked
+            .get(&lsn)
+            .map(|m| m.status.clone())
     }
 
     /// Status of a tracked (pending or dead) entry, by id.
@@ -486,9 +492,7 @@ impl Wal {
         st.tracked
             .iter()
             .filter_map(|(lsn, m)| match &m.status {
-                Tracked::Dead { attempts, reason }
-                    if source.is_none_or(|s| s == &*m.source) =>
-                {
+                Tracked::Dead { attempts, reason } if source.is_none_or(|s| s == &*m.source) => {
                     Some(DeadLetter {
                         lsn: *lsn,
                         id: m.id,
@@ -593,7 +597,12 @@ impl Wal {
     /// appended later are not included; open another reader to continue).
     pub fn reader(&self, from: u64) -> crate::reader::Reader {
         let upto = self.shared.visible_lsn.load(Ordering::Acquire);
-        crate::reader::Reader::new(self.shared.dir.clone(), from, upto, self.shared.config.on_corruption)
+        crate::reader::Reader::new(
+            self.shared.dir.clone(),
+            from,
+            upto,
+            self.shared.config.on_corruption,
+        )
     }
 }
 
@@ -714,7 +723,11 @@ impl Writer {
                                 .0;
                         }
                         None => {
-                            inbox = self.shared.wake.wait(inbox).unwrap_or_else(|p| p.into_inner())
+                            inbox = self
+                                .shared
+                                .wake
+                                .wait(inbox)
+                                .unwrap_or_else(|p| p.into_inner())
                         }
                     }
                 }
@@ -728,7 +741,12 @@ impl Writer {
                 // Late submitters after `closing` was set are refused in `submit`;
                 // take anything that slipped in before it.
                 let rest = std::mem::take(
-                    &mut self.shared.inbox.lock().unwrap_or_else(|p| p.into_inner()).ops,
+                    &mut self
+                        .shared
+                        .inbox
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .ops,
                 );
                 self.process(rest);
                 if self.dirty {
@@ -814,7 +832,14 @@ impl Writer {
                     syncers.push(reply);
                 }
                 Op::Rotate(reply) => {
-                    let r = self.flush(&mut waiters).and_then(|()| self.rotate());
+                    let r = self.flush(&mut waiters).and_then(|()| {
+                        // A segment with nothing after its checkpoint has nothing to seal.
+                        if self.seg_has_records {
+                            self.rotate()
+                        } else {
+                            Ok(())
+                        }
+                    });
                     let _ = reply.send(r);
                 }
                 Op::Retention(reply) => {
@@ -1027,4 +1052,3 @@ fn reply_err(op: Op, e: WalError) {
         Op::Retention(reply) => drop(reply.send(Err(e))),
     }
 }
-

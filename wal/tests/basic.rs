@@ -15,7 +15,9 @@ async fn appended_entries_survive_reopen_with_their_status() {
         lsns.extend(wal.append(&[entry(n)]).await.unwrap());
     }
     wal.mark_delivered(&lsns[0..4]).await.unwrap();
-    wal.mark_failed(lsns[4], 7, "constraint violated").await.unwrap();
+    wal.mark_failed(lsns[4], 7, "constraint violated")
+        .await
+        .unwrap();
     assert_eq!(wal.status().pending, 5);
     assert_eq!(wal.status().dead, 1);
     wal.close();
@@ -30,7 +32,10 @@ async fn appended_entries_survive_reopen_with_their_status() {
     assert_eq!((dead[0].lsn, dead[0].attempts), (lsns[4], 7));
     assert_eq!(dead[0].reason, "constraint violated");
     let pending = wal.pending_after(0, 100).unwrap();
-    let got: Vec<u64> = pending.iter().map(|e| payload_n(&e.entry.payload)).collect();
+    let got: Vec<u64> = pending
+        .iter()
+        .map(|e| payload_n(&e.entry.payload))
+        .collect();
     assert_eq!(got, vec![5, 6, 7, 8, 9]);
     // New LSNs continue above the old ones.
     let next = wal.append(&[entry(10)]).await.unwrap()[0];
@@ -45,7 +50,10 @@ async fn lookup_by_id_and_requeue_of_a_dead_letter() {
     let lsn = wal.append(std::slice::from_ref(&e)).await.unwrap()[0];
     assert_eq!(wal.lookup(e.id).unwrap().status, Tracked::Pending);
     wal.mark_failed(lsn, 3, "bad").await.unwrap();
-    assert!(matches!(wal.lookup(e.id).unwrap().status, Tracked::Dead { attempts: 3, .. }));
+    assert!(matches!(
+        wal.lookup(e.id).unwrap().status,
+        Tracked::Dead { attempts: 3, .. }
+    ));
     // Requeue ignores LSNs that are not dead letters.
     assert_eq!(wal.requeue(&[lsn, lsn + 100]).await.unwrap(), vec![lsn]);
     assert_eq!(wal.status_of(lsn), Some(Tracked::Pending));
@@ -70,17 +78,30 @@ async fn rotation_starts_segments_with_a_checkpoint_and_recovery_uses_it() {
     }
     wal.close();
     let segs = segments(dir.path());
-    assert!(segs.len() > 3, "expected rotation, got {} segments", segs.len());
+    assert!(
+        segs.len() > 3,
+        "expected rotation, got {} segments",
+        segs.len()
+    );
     for s in &segs[1..] {
         let buf = std::fs::read(s).unwrap();
         let first = frames(&buf)[0];
-        assert_eq!(first.2, Kind::Checkpoint, "{} does not start with a checkpoint", s.display());
+        assert_eq!(
+            first.2,
+            Kind::Checkpoint,
+            "{} does not start with a checkpoint",
+            s.display()
+        );
     }
     let wal = Wal::open(dir.path(), small(4096)).unwrap();
     let rep = wal.recovery_report().clone();
     assert!(rep.checkpoint_lsn.is_some());
     assert!(
-        rep.bytes_scanned < segs.iter().map(|s| s.metadata().unwrap().len()).sum::<u64>(),
+        rep.bytes_scanned
+            < segs
+                .iter()
+                .map(|s| s.metadata().unwrap().len())
+                .sum::<u64>(),
         "recovery read every segment"
     );
     let pending: Vec<u64> = wal
@@ -137,10 +158,16 @@ async fn oversized_records_and_names_are_refused_with_typed_errors() {
     let mut big = entry(1);
     big.payload = vec![b'x'; 2000];
     let err = wal.append(&[entry(0), big]).await.unwrap_err();
-    assert!(matches!(err, WalError::RecordTooLarge { limit: 1024, .. }), "{err}");
+    assert!(
+        matches!(err, WalError::RecordTooLarge { limit: 1024, .. }),
+        "{err}"
+    );
     let mut long = entry(2);
     long.source = "s".repeat(70_000);
-    assert!(matches!(wal.append(&[long]).await, Err(WalError::InvalidRecord(_))));
+    assert!(matches!(
+        wal.append(&[long]).await,
+        Err(WalError::InvalidRecord(_))
+    ));
     // All or nothing: the valid entry of the refused call was not written.
     assert_eq!(wal.status().pending, 0);
 }
@@ -151,7 +178,10 @@ async fn a_second_open_of_the_same_directory_is_refused() {
     let wal = Wal::open(dir.path(), WalConfig::default()).unwrap();
     let err = Wal::open(dir.path(), WalConfig::default()).unwrap_err();
     assert!(matches!(err, WalError::Locked { .. }), "{err}");
-    assert!(matches!(spool_wal::inspect::verify(dir.path()), Err(WalError::Locked { .. })));
+    assert!(matches!(
+        spool_wal::inspect::verify(dir.path()),
+        Err(WalError::Locked { .. })
+    ));
     wal.close();
     drop(wal);
     Wal::open(dir.path(), WalConfig::default()).unwrap();
@@ -163,7 +193,10 @@ async fn closed_wal_refuses_appends() {
     let wal = Wal::open(dir.path(), WalConfig::default()).unwrap();
     wal.close();
     wal.close();
-    assert!(matches!(wal.append(&[entry(0)]).await, Err(WalError::Closed)));
+    assert!(matches!(
+        wal.append(&[entry(0)]).await,
+        Err(WalError::Closed)
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -190,7 +223,10 @@ async fn concurrent_appenders_get_unique_increasing_lsns_all_readable_after_reop
     let mut all = Vec::new();
     for t in tasks {
         let mine = t.await.unwrap();
-        assert!(mine.windows(2).all(|w| w[0] < w[1]), "a task saw LSNs go backwards");
+        assert!(
+            mine.windows(2).all(|w| w[0] < w[1]),
+            "a task saw LSNs go backwards"
+        );
         all.extend(mine);
     }
     let unique: BTreeSet<u64> = all.iter().copied().collect();
@@ -198,7 +234,12 @@ async fn concurrent_appenders_get_unique_increasing_lsns_all_readable_after_reop
     wal.close();
     drop(wal);
     let wal = Wal::open(dir.path(), small(64 * 1024)).unwrap();
-    let found: BTreeSet<u64> = wal.pending_after(0, usize::MAX).unwrap().iter().map(|e| e.lsn).collect();
+    let found: BTreeSet<u64> = wal
+        .pending_after(0, usize::MAX)
+        .unwrap()
+        .iter()
+        .map(|e| e.lsn)
+        .collect();
     assert_eq!(found, unique);
 }
 
@@ -225,7 +266,9 @@ async fn interval_and_never_sync_modes_store_the_same_records() {
 #[test]
 fn offline_inspection_reports_statuses() {
     let dir = tempfile::tempdir().unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
     let wal = Wal::open(dir.path(), small(4096)).unwrap();
     let lsns: Vec<u64> = rt.block_on(async {
         let mut v = Vec::new();
@@ -248,7 +291,11 @@ fn offline_inspection_reports_statuses() {
     assert!(v.is_ok() && v.torn_tail.is_none());
     assert_eq!(v.records, stats.records);
     let recs = spool_wal::inspect::inspect(dir.path(), lsns[29], 3).unwrap();
-    let st: Vec<_> = recs.iter().filter(|r| r.kind == Kind::Entry).map(|r| r.status.unwrap()).collect();
+    let st: Vec<_> = recs
+        .iter()
+        .filter(|r| r.kind == Kind::Entry)
+        .map(|r| r.status.unwrap())
+        .collect();
     assert_eq!(recs[0].lsn, lsns[29]);
     assert_eq!(&st[..2], &["delivered", "failed"][..]);
 }

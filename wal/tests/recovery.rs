@@ -10,7 +10,9 @@ use std::path::Path;
 fn written(n: u64, cfg: WalConfig) -> (tempfile::TempDir, Vec<u64>) {
     let dir = tempfile::tempdir().unwrap();
     let wal = Wal::open(dir.path(), cfg).unwrap();
-    let lsns = (0..n).map(|i| wal.append_blocking(&[entry(i)]).unwrap()[0]).collect();
+    let lsns = (0..n)
+        .map(|i| wal.append_blocking(&[entry(i)]).unwrap()[0])
+        .collect();
     wal.close();
     (dir, lsns)
 }
@@ -49,12 +51,25 @@ fn truncating_the_last_record_at_every_byte_recovers_the_rest_with_fresh_lsns() 
 
         let wal = Wal::open(d.path(), WalConfig::default()).unwrap();
         let rep = wal.recovery_report();
-        let torn = rep.torn_tail.as_ref().unwrap_or_else(|| panic!("cut {cut}: no torn tail"));
-        assert_eq!((torn.offset, torn.bytes), (last_off as u64, (cut - last_off) as u64));
+        let torn = rep
+            .torn_tail
+            .as_ref()
+            .unwrap_or_else(|| panic!("cut {cut}: no torn tail"));
+        assert_eq!(
+            (torn.offset, torn.bytes),
+            (last_off as u64, (cut - last_off) as u64)
+        );
         assert_eq!(pending_ns(&wal), vec![0, 1, 2, 3], "cut {cut}");
-        assert_eq!(std::fs::metadata(&path).unwrap().len(), last_off as u64, "not truncated");
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            last_off as u64,
+            "not truncated"
+        );
         let fresh = wal.append_blocking(&[entry(9)]).unwrap()[0];
-        assert!(fresh > last_lsn, "cut {cut}: LSN {fresh} reused (torn record had {last_lsn})");
+        assert!(
+            fresh > last_lsn,
+            "cut {cut}: LSN {fresh} reused (torn record had {last_lsn})"
+        );
         wal.close();
         drop(wal);
         let wal = Wal::open(d.path(), WalConfig::default()).unwrap();
@@ -94,7 +109,9 @@ fn a_bit_flip_mid_segment_names_segment_and_offset_and_skip_counts_the_loss() {
 
     let err = Wal::open(dir.path(), WalConfig::default()).unwrap_err();
     match &err {
-        WalError::Corrupt { segment, offset, .. } => {
+        WalError::Corrupt {
+            segment, offset, ..
+        } => {
             assert_eq!((segment.as_str(), *offset), (name.as_str(), off as u64));
         }
         other => panic!("expected corruption, got {other}"),
@@ -102,7 +119,11 @@ fn a_bit_flip_mid_segment_names_segment_and_offset_and_skip_counts_the_loss() {
     assert!(err.to_string().contains(&name) && err.to_string().contains(&off.to_string()));
     let v = spool_wal::inspect::verify(dir.path()).unwrap();
     assert_eq!(v.damage.as_ref().map(|d| d.offset), Some(off as u64));
-    assert_eq!(std::fs::read(&seg).unwrap(), image, "a failed open changed the file");
+    assert_eq!(
+        std::fs::read(&seg).unwrap(),
+        image,
+        "a failed open changed the file"
+    );
 
     let skip = WalConfig {
         on_corruption: OnCorruption::Skip,
@@ -129,7 +150,13 @@ fn damage_in_a_sealed_segment_is_corruption_even_at_its_end() {
     assert!(err.is_corruption(), "{err}");
     let v = spool_wal::inspect::verify(dir.path()).unwrap();
     let d = v.damage.unwrap();
-    assert_eq!((d.segment.as_str(), d.offset), (sealed.file_name().unwrap().to_str().unwrap(), last_off as u64));
+    assert_eq!(
+        (d.segment.as_str(), d.offset),
+        (
+            sealed.file_name().unwrap().to_str().unwrap(),
+            last_off as u64
+        )
+    );
 }
 
 #[test]
@@ -157,7 +184,9 @@ fn a_segment_cut_inside_its_header_is_removed_as_torn() {
     let segs = segments(dir.path());
     let newest = segs.last().unwrap();
     // Simulate a crash during creation of the next segment.
-    let next = dir.path().join(spool_wal::format::segment_file_name(lsns[29] + 1));
+    let next = dir
+        .path()
+        .join(spool_wal::format::segment_file_name(lsns[29] + 1));
     std::fs::write(&next, &std::fs::read(newest).unwrap()[..10]).unwrap();
     let wal = Wal::open(dir.path(), small(4096)).unwrap();
     assert!(wal.recovery_report().torn_tail.is_some());

@@ -7,7 +7,11 @@ use std::path::{Path, PathBuf};
 
 /// An entry whose payload names `n`, so tests can check it survived intact.
 pub fn entry(n: u64) -> Entry {
-    let mut e = Entry::new("agents", "main", format!(r#"{{"n":{n},"text":"memory {n}"}}"#).into_bytes());
+    let mut e = Entry::new(
+        "agents",
+        "main",
+        format!(r#"{{"n":{n},"text":"memory {n}"}}"#).into_bytes(),
+    );
     if n % 3 == 0 {
         e.subject = Some(format!("subject-{}", n % 7));
     }
