@@ -631,6 +631,49 @@ mod tests {
         );
     }
 
+    /// The constants table of docs/wal-format.md must match the code.
+    #[test]
+    fn constants_match_doc() {
+        let doc = include_str!("../../docs/wal-format.md");
+        let table = doc
+            .split("| constant | value | meaning |")
+            .nth(1)
+            .and_then(|t| t.split("\n\n").next())
+            .expect("constants table in docs/wal-format.md");
+        let mut seen = 0;
+        for line in table.lines() {
+            let cols: Vec<&str> = line.split('|').map(str::trim).collect();
+            if cols.len() < 4 || !cols[1].starts_with('`') {
+                continue;
+            }
+            let name = cols[1].trim_matches('`');
+            let value = cols[2].trim_matches('`');
+            let want = match name {
+                "SEGMENT_MAGIC" => std::str::from_utf8(&SEGMENT_MAGIC).unwrap().to_owned(),
+                "FORMAT_VERSION" => FORMAT_VERSION.to_string(),
+                "SEGMENT_HEADER_LEN" => SEGMENT_HEADER_LEN.to_string(),
+                "FRAME_HEADER_LEN" => FRAME_HEADER_LEN.to_string(),
+                "SEGMENT_NAME_DIGITS" => SEGMENT_NAME_DIGITS.to_string(),
+                "MAX_FRAME_BODY" => MAX_FRAME_BODY.to_string(),
+                "KIND_ENTRY" => (Kind::Entry as u8).to_string(),
+                "KIND_DELIVERED" => (Kind::Delivered as u8).to_string(),
+                "KIND_FAILED" => (Kind::Failed as u8).to_string(),
+                "KIND_REQUEUED" => (Kind::Requeued as u8).to_string(),
+                "KIND_CHECKPOINT" => (Kind::Checkpoint as u8).to_string(),
+                other => panic!("docs/wal-format.md names unknown constant {other}"),
+            };
+            assert_eq!(value, want, "docs/wal-format.md: {name}");
+            seen += 1;
+        }
+        assert_eq!(seen, 11, "constants table incomplete");
+        // The header tables' sizes add up to the constants.
+        assert_eq!(encode_segment_header(1).len(), SEGMENT_HEADER_LEN);
+        let mut f = Vec::new();
+        encode_frame(&mut f, Kind::Delivered, 1, &[]);
+        assert_eq!(f.len(), FRAME_HEADER_LEN);
+        assert!(doc.contains(&format!("version {FORMAT_VERSION}")));
+    }
+
     #[test]
     fn hostile_counts_do_not_allocate() {
         let mut body = Vec::new();
