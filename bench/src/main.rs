@@ -53,6 +53,9 @@ enum Cmd {
         /// Payload bytes per record.
         #[arg(long, default_value_t = 256)]
         record_bytes: usize,
+        /// Mark every entry delivered before reopening: measures the pure scan.
+        #[arg(long)]
+        delivered: bool,
     },
 }
 
@@ -94,8 +97,9 @@ fn main() -> Result<()> {
             dir,
             entries,
             record_bytes,
+            delivered,
         } => {
-            println!("{}", wal_recovery(&dir, entries, record_bytes)?);
+            println!("{}", wal_recovery(&dir, entries, record_bytes, delivered)?);
             Ok(())
         }
     }
@@ -234,7 +238,12 @@ fn raw_fdatasync(
     }))
 }
 
-fn wal_recovery(base: &Path, entries: usize, record_bytes: usize) -> Result<serde_json::Value> {
+fn wal_recovery(
+    base: &Path,
+    entries: usize,
+    record_bytes: usize,
+    delivered: bool,
+) -> Result<serde_json::Value> {
     let dir = fresh_dir(base, "wal-recovery")?;
     let cfg = WalConfig {
         sync: spool_wal::SyncMode::Never,
@@ -249,7 +258,11 @@ fn wal_recovery(base: &Path, entries: usize, record_bytes: usize) -> Result<serd
         let es: Vec<Entry> = (0..n)
             .map(|_| Entry::new("bench", "main", payload.clone()))
             .collect();
-        wal.append_blocking(&es)?;
+        let lsns = wal.append_blocking(&es)?;
+        if delivered {
+            let rt = tokio::runtime::Builder::new_current_thread().build()?;
+            rt.block_on(wal.mark_delivered(&lsns))?;
+        }
         written += n;
     }
     wal.close();
@@ -265,9 +278,10 @@ fn wal_recovery(base: &Path, entries: usize, record_bytes: usize) -> Result<serd
     Ok(json!({
         "bench": "wal_recovery",
         "entries": entries,
+        "delivered": delivered,
         "pending": pending,
         "bytes_scanned": rep.bytes_scanned,
-        "open_seconds": round2(open * 1000.0) / 1000.0,
+        "open_seconds": (open * 1000.0).round() / 1000.0,
         "scan_bytes_per_sec": (rep.bytes_scanned as f64 / open).round(),
     }))
 }

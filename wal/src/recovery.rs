@@ -136,9 +136,10 @@ pub(crate) fn recover(dir: &Path, policy: OnCorruption, repair: bool) -> Result<
     let mut torn_gap = 0;
     let n = segs.len();
     let mut remove_newest = false;
+    let mut buf = Vec::new();
     for (i, seg) in segs.iter().enumerate().skip(start) {
         let newest = i + 1 == n;
-        let buf = scan::read_segment(seg)?;
+        scan::read_segment_into(seg, &mut buf)?;
         report.bytes_scanned += buf.len() as u64;
         state.segments.insert(
             seg.first_lsn,

@@ -5,7 +5,8 @@
 //! frame, so what a restart rebuilds is by construction what the running process had.
 
 use crate::format::{self, BodyError, Checkpoint, DeadRef, Kind, Record};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use rustc_hash::{FxHashMap, FxHashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::SystemTime;
 use uuid::Uuid;
@@ -58,9 +59,9 @@ pub(crate) struct Totals {
 #[derive(Debug, Default)]
 pub(crate) struct State {
     pub tracked: BTreeMap<u64, Meta>,
-    pub by_id: HashMap<Uuid, u64>,
+    pub by_id: FxHashMap<Uuid, u64>,
     pub segments: BTreeMap<u64, SegInfo>,
-    names: HashSet<Arc<str>>,
+    names: FxHashSet<Arc<str>>,
     pub pending: u64,
     pub dead: u64,
     pub totals: Totals,
