@@ -13,7 +13,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(Parser)]
-#[command(name = "spool-bench", about = "spool benchmarks; one JSON object per result line")]
+#[command(
+    name = "spool-bench",
+    about = "spool benchmarks; one JSON object per result line"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -208,7 +211,11 @@ fn raw_fdatasync(
 ) -> Result<serde_json::Value> {
     let dir = fresh_dir(base, &format!("raw-{group}"))?;
     let path = dir.join("raw.dat");
-    let f = OpenOptions::new().create(true).write(true).open(&path)?;
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(&path)?;
     // Same bytes per record as a WAL frame of an Entry with this payload.
     let frame = spool_wal::format::FRAME_HEADER_LEN
         + Entry::new("bench", "main", payload(record_bytes)).encoded_len();

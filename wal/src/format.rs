@@ -563,7 +563,7 @@ mod tests {
 
     #[test]
     fn frames_round_trip_every_kind() {
-        let records = vec![
+        let records = [
             Record::Entry(sample_entry()),
             Record::Delivered(vec![1, 2, 3]),
             Record::Failed {

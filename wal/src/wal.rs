@@ -723,7 +723,8 @@ impl Writer {
                         // Gather: the appenders answered last time are usually
                         // about to come back; a group that waits a fraction of an
                         // fsync for them saves a whole fsync.
-                        let until = *gather_until.get_or_insert_with(|| Instant::now() + self.gather_window);
+                        let until = *gather_until
+                            .get_or_insert_with(|| Instant::now() + self.gather_window);
                         let now = Instant::now();
                         if n >= self.gather_target || now >= until {
                             break;
@@ -893,7 +894,13 @@ impl Writer {
             // The group to expect next: everyone about to be answered plus everyone
             // who arrived while this group was written and synced (those cannot be
             // of this group). Under other modes there is no fsync to share.
-            let arrived = self.shared.inbox.lock().unwrap_or_else(|p| p.into_inner()).ops.len();
+            let arrived = self
+                .shared
+                .inbox
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .ops
+                .len();
             self.gather_target = waiters.len() + syncers.len() + arrived;
         }
         for w in waiters {

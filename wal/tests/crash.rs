@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use rand::Rng;
-use spool_wal::{Record, Wal, WalConfig};
+use spool_wal::{Record, Wal};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};

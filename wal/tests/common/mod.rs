@@ -12,7 +12,7 @@ pub fn entry(n: u64) -> Entry {
         "main",
         format!(r#"{{"n":{n},"text":"memory {n}"}}"#).into_bytes(),
     );
-    if n % 3 == 0 {
+    if n.is_multiple_of(3) {
         e.subject = Some(format!("subject-{}", n % 7));
     }
     e

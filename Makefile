@@ -1,0 +1,34 @@
+# spool — the README's commands. `make test` is what CI runs.
+SHELL := /bin/bash
+CARGO ?= cargo
+FUZZ_SECONDS ?= 600
+BENCH_DIR ?= $(CURDIR)/target/bench-data
+BENCH_SECONDS ?= 5
+
+.PHONY: test lint unit bench fuzz fuzz-smoke clean
+
+## test: formatting, lints, and every test of the workspace
+test: lint unit
+
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+unit:
+	$(CARGO) test --workspace --locked
+
+## bench: spool-bench figures (see docs/benchmarks.md)
+bench:
+	$(CARGO) build --release --locked -p spool-bench
+	mkdir -p $(BENCH_DIR)
+	./target/release/spool-bench wal --dir $(BENCH_DIR) --appenders 1,16,256 --record-bytes 256 --seconds $(BENCH_SECONDS) --baseline
+	./target/release/spool-bench wal-recovery --dir $(BENCH_DIR) --entries 1000000
+	./target/release/spool-bench wal-recovery --dir $(BENCH_DIR) --entries 1000000 --delivered
+
+## fuzz: libFuzzer on the WAL decoder and recovery for FUZZ_SECONDS (cargo-fuzz on stable)
+fuzz:
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	cd wal/fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run wal_decode -- -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -rss_limit_mb=2048
+
+clean:
+	$(CARGO) clean
