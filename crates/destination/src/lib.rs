@@ -1,0 +1,201 @@
+//! # spool-destination — where entries end up, and where agents read them back
+//!
+//! A [`Destination`] writes batches of [`LoggedEntry`] idempotently and serves the
+//! read path (by id; by source with subject, full-text, time range and a cursor).
+//! Two implementations: [`SqliteDestination`] (the embedded default) and
+//! [`PostgresDestination`]. [`open`] builds one from a [`DestinationConfig`].
+//!
+//! ## Invariants
+//! - **Idempotent writes.** Rows are keyed by the entry id; writing an entry
+//!   again (a redelivery after a crash) never makes a second row and never changes
+//!   the first: the first write wins.
+//! - **A batch is one transaction.** It is written whole or not at all.
+//! - **Every error is classified** ([`DestinationError::is_transient`]): transient
+//!   means "retry later, the data is fine"; a rejection means "this data will never
+//!   go in". Entries a destination would reject are found before writing and named
+//!   by their index in the batch; a rejection without an index means "some entry
+//!   of this batch" and the caller splits the batch to find it.
+//! - **Schema versioned.** Migrations run forward at open; a database whose schema
+//!   is newer than this build is refused with [`DestinationError::SchemaTooNew`].
+//! - **Sources are isolated.** Every read is scoped to one source.
+//! - **SQLite commits durably** (`journal_mode=WAL`, `synchronous=FULL`): spool's
+//!   own WAL is truncated on the strength of the destination's commit.
+
+mod error;
+mod postgres;
+mod query;
+mod sqlite;
+
+pub use error::DestinationError;
+pub use postgres::PostgresDestination;
+pub use query::{Query, DEFAULT_LIMIT, MAX_LIMIT};
+pub use spool_wal::{Entry, LoggedEntry};
+pub use sqlite::SqliteDestination;
+
+use async_trait::async_trait;
+use std::sync::Arc;
+use uuid::Uuid;
+
+/// Result alias of this crate.
+pub type Result<T, E = DestinationError> = std::result::Result<T, E>;
+
+/// An entry as a destination holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEntry {
+    /// LSN of its WAL record (of the spool node that accepted it).
+    pub lsn: u64,
+    /// The entry; `payload` is JSON text (Postgres returns its normalized `jsonb` form).
+    pub entry: Entry,
+    /// When the destination committed it (µs since the epoch).
+    pub delivered_at_us: i64,
+}
+
+/// One page of a [`Query`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Page {
+    /// Entries, newest first.
+    pub entries: Vec<StoredEntry>,
+    /// Cursor for the next page; `None` when this page is the last.
+    pub next_cursor: Option<String>,
+}
+
+/// Where entries are delivered. Implementations are cheap to share (`Arc<dyn Destination>`).
+#[async_trait]
+pub trait Destination: Send + Sync + 'static {
+    /// The configured name.
+    fn name(&self) -> &str;
+
+    /// Write a batch in one transaction, upserting by id (first write wins).
+    async fn write_batch(&self, batch: &[LoggedEntry]) -> Result<()>;
+
+    /// One entry of `source` by id.
+    async fn get(&self, source: &str, id: Uuid) -> Result<Option<StoredEntry>>;
+
+    /// A page of one source's entries, newest first.
+    async fn query(&self, q: &Query) -> Result<Page>;
+
+    /// Is the destination reachable and writable?
+    async fn health(&self) -> Result<()>;
+
+    /// Close connections; later calls fail.
+    async fn close(&self);
+}
+
+/// The `kind` of a `[[destination]]`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// A SQLite database file.
+    Sqlite,
+    /// A PostgreSQL database.
+    Postgres,
+}
+
+/// `[[destination]]` of spool.toml.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DestinationConfig {
+    /// Name sources refer to.
+    pub name: String,
+    /// Backend.
+    pub kind: Kind,
+    /// SQLite file (kind = "sqlite").
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Connection URL (kind = "postgres"); `env:NAME` reads it from the environment.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Connections in the pool (Postgres) / readers (SQLite).
+    #[serde(default)]
+    pub pool_size: Option<u32>,
+}
+
+/// Resolve an `env:NAME` value.
+pub fn resolve_env(value: &str) -> Result<String> {
+    match value.strip_prefix("env:") {
+        Some(var) => std::env::var(var).map_err(|_| {
+            DestinationError::Config(format!("environment variable {var} is not set"))
+        }),
+        None => Ok(value.to_owned()),
+    }
+}
+
+/// Open (and migrate) the destination a config describes.
+pub async fn open(cfg: &DestinationConfig) -> Result<Arc<dyn Destination>> {
+    let need = |v: &Option<String>, key: &str| {
+        v.as_deref().map(resolve_env).transpose()?.ok_or_else(|| {
+            DestinationError::Config(format!(
+                "destination {:?} of kind {:?} needs `{key}`",
+                cfg.name, cfg.kind
+            ))
+        })
+    };
+    Ok(match cfg.kind {
+        Kind::Sqlite => {
+            let path = need(&cfg.path, "path")?;
+            Arc::new(SqliteDestination::open(&cfg.name, path.as_ref(), cfg.pool_size).await?)
+        }
+        Kind::Postgres => {
+            let url = need(&cfg.url, "url")?;
+            Arc::new(PostgresDestination::open(&cfg.name, &url, cfg.pool_size).await?)
+        }
+    })
+}
+
+/// Check each entry before writing, so a poison entry is named by its index
+/// instead of failing the whole batch. `strict_text` adds Postgres' rules (no NUL
+/// in text, no `\u0000` in `jsonb`).
+pub(crate) fn screen(name: &str, batch: &[LoggedEntry], strict_text: bool) -> Result<()> {
+    for (i, le) in batch.iter().enumerate() {
+        let e = &le.entry;
+        let reject = |reason: String| DestinationError::Rejected {
+            destination: name.to_owned(),
+            index: Some(i),
+            reason,
+        };
+        let value: serde_json::Value = serde_json::from_slice(&e.payload)
+            .map_err(|err| reject(format!("payload is not valid JSON: {err}")))?;
+        if !value.is_object() {
+            return Err(reject("payload is not a JSON object".into()));
+        }
+        if strict_text {
+            let texts = [
+                Some(&e.source),
+                e.subject.as_ref(),
+                e.idempotency_key.as_ref(),
+            ];
+            if texts.iter().flatten().any(|s| s.contains('\0')) {
+                return Err(reject("text field contains a NUL character".into()));
+            }
+            if e.payload.windows(6).any(|w| w == b"\\u0000") && has_nul(&value) {
+                return Err(reject(
+                    "payload contains a NUL character (\\u0000), which jsonb cannot store".into(),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn has_nul(v: &serde_json::Value) -> bool {
+    match v {
+        serde_json::Value::String(s) => s.contains('\0'),
+        serde_json::Value::Array(a) => a.iter().any(has_nul),
+        serde_json::Value::Object(o) => o.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
+    }
+}
+
+/// The cursor continuing after the last entry of a full page.
+pub(crate) fn next_cursor(entries: &[StoredEntry], limit: u32) -> Option<String> {
+    if entries.len() < limit as usize {
+        return None;
+    }
+    entries.last().map(|e| {
+        query::Cursor {
+            created_us: e.entry.accepted_at_us,
+            id: e.entry.id,
+        }
+        .encode()
+    })
+}

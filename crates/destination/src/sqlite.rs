@@ -1,0 +1,263 @@
+//! The embedded SQLite destination.
+//!
+//! One writer connection (SQLite has one writer at a time anyway; a single
+//! connection avoids SQLITE_BUSY between our own writers) and a small pool of
+//! readers, all in WAL journal mode with `synchronous=FULL`. A batch is one
+//! transaction of multi-row `INSERT … ON CONFLICT(id) DO NOTHING` statements. A
+//! contentless FTS5 table indexes the string values of each payload, filled by a
+//! trigger on insert.
+
+use crate::error::classify;
+use crate::query::{words, Query};
+use crate::{next_cursor, screen, Destination, DestinationError, Page, Result, StoredEntry};
+use async_trait::async_trait;
+use spool_wal::{Entry, LoggedEntry};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{Executor, QueryBuilder, Row, Sqlite};
+use std::path::Path;
+use std::time::Duration;
+use uuid::Uuid;
+
+/// Schema migrations, in order; the schema version is the number applied.
+const MIGRATIONS: &[&str] = &[
+    // 1: entries, read indexes, full-text index over payload string values.
+    r#"
+    CREATE TABLE spool_entries (
+        id              TEXT PRIMARY KEY NOT NULL,
+        lsn             INTEGER NOT NULL,
+        source          TEXT NOT NULL,
+        subject         TEXT,
+        idempotency_key TEXT,
+        payload         TEXT NOT NULL,
+        created_at      INTEGER NOT NULL,
+        delivered_at    INTEGER NOT NULL
+    );
+    CREATE INDEX spool_entries_by_subject ON spool_entries (source, subject, created_at, id);
+    CREATE INDEX spool_entries_by_time ON spool_entries (source, created_at, id);
+    CREATE VIRTUAL TABLE spool_entries_fts USING fts5(body, content='');
+    CREATE TRIGGER spool_entries_fts_insert AFTER INSERT ON spool_entries BEGIN
+        INSERT INTO spool_entries_fts (rowid, body)
+        SELECT new.rowid, group_concat(value, ' ') FROM json_tree(new.payload) WHERE type = 'text';
+    END;
+    "#,
+];
+
+/// Rows per INSERT statement (8 parameters each; SQLite allows 32766).
+const ROWS_PER_STATEMENT: usize = 500;
+
+/// The SQLite destination.
+pub struct SqliteDestination {
+    name: String,
+    writer: SqlitePool,
+    readers: SqlitePool,
+}
+
+impl SqliteDestination {
+    /// Open (creating and migrating) the database at `path`. `readers` is the size
+    /// of the read pool (default 4).
+    pub async fn open(name: &str, path: &Path, readers: Option<u32>) -> Result<Self> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                DestinationError::Config(format!("cannot create {}: {e}", dir.display()))
+            })?;
+        }
+        let opts = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(5));
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(opts.clone())
+            .await
+            .map_err(|e| classify(name, e))?;
+        let d = SqliteDestination {
+            name: name.to_owned(),
+            readers: SqlitePoolOptions::new()
+                .max_connections(readers.unwrap_or(4).max(1))
+                .connect_with(opts.read_only(true).create_if_missing(false))
+                .await
+                .map_err(|e| classify(name, e))?,
+            writer,
+        };
+        d.migrate().await?;
+        Ok(d)
+    }
+
+    fn err(&self, e: sqlx::Error) -> DestinationError {
+        classify(&self.name, e)
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        let mut tx = self.writer.begin().await.map_err(|e| self.err(e))?;
+        tx.execute("CREATE TABLE IF NOT EXISTS spool_schema (version INTEGER NOT NULL)")
+            .await
+            .map_err(|e| self.err(e))?;
+        let found: Option<i64> = sqlx::query_scalar("SELECT max(version) FROM spool_schema")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| self.err(e))?;
+        let found = found.unwrap_or(0);
+        let known = MIGRATIONS.len() as i64;
+        if found > known {
+            return Err(DestinationError::SchemaTooNew {
+                destination: self.name.clone(),
+                found,
+                known,
+            });
+        }
+        for (i, m) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+            tx.execute(*m).await.map_err(|e| self.err(e))?;
+            sqlx::query("INSERT INTO spool_schema (version) VALUES (?)")
+                .bind(i as i64 + 1)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.err(e))?;
+            tracing::info!(destination = %self.name, version = i + 1, "migrated SQLite schema");
+        }
+        tx.commit().await.map_err(|e| self.err(e))
+    }
+
+    fn row(&self, r: &SqliteRow) -> Result<StoredEntry> {
+        let id: String = r.get(0);
+        let payload: String = r.get(5);
+        Ok(StoredEntry {
+            lsn: r.get::<i64, _>(1) as u64,
+            entry: Entry {
+                id: Uuid::try_parse(&id).map_err(|_| DestinationError::Transient {
+                    destination: self.name.clone(),
+                    message: format!("row with malformed id {id:?}"),
+                })?,
+                source: r.get(2),
+                destination: self.name.clone(),
+                subject: r.get(3),
+                idempotency_key: r.get(4),
+                accepted_at_us: r.get(6),
+                payload: payload.into_bytes(),
+            },
+            delivered_at_us: r.get(7),
+        })
+    }
+}
+
+const COLUMNS: &str =
+    "id, lsn, source, subject, idempotency_key, payload, created_at, delivered_at";
+
+#[async_trait]
+impl Destination for SqliteDestination {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn write_batch(&self, batch: &[LoggedEntry]) -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        screen(&self.name, batch, false)?;
+        let now = spool_wal::now_us();
+        let mut tx = self.writer.begin().await.map_err(|e| self.err(e))?;
+        for chunk in batch.chunks(ROWS_PER_STATEMENT) {
+            let mut qb: QueryBuilder<Sqlite> =
+                QueryBuilder::new(format!("INSERT INTO spool_entries ({COLUMNS}) "));
+            qb.push_values(chunk, |mut b, le| {
+                let e = &le.entry;
+                b.push_bind(e.id.hyphenated().to_string())
+                    .push_bind(le.lsn as i64)
+                    .push_bind(e.source.as_str())
+                    .push_bind(e.subject.as_deref())
+                    .push_bind(e.idempotency_key.as_deref())
+                    // Validated as UTF-8 JSON by `screen`.
+                    .push_bind(std::str::from_utf8(&e.payload).unwrap_or_default())
+                    .push_bind(e.accepted_at_us)
+                    .push_bind(now);
+            });
+            qb.push(" ON CONFLICT (id) DO NOTHING");
+            qb.build()
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.err(e))?;
+        }
+        tx.commit().await.map_err(|e| self.err(e))
+    }
+
+    async fn get(&self, source: &str, id: Uuid) -> Result<Option<StoredEntry>> {
+        let row = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM spool_entries WHERE id = ? AND source = ?"
+        ))
+        .bind(id.hyphenated().to_string())
+        .bind(source)
+        .fetch_optional(&self.readers)
+        .await
+        .map_err(|e| self.err(e))?;
+        row.map(|r| self.row(&r)).transpose()
+    }
+
+    async fn query(&self, q: &Query) -> Result<Page> {
+        let (limit, cursor) = q.checked()?;
+        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(format!(
+            "SELECT {COLUMNS} FROM spool_entries WHERE source = "
+        ));
+        qb.push_bind(q.source.as_str());
+        if let Some(s) = &q.subject {
+            qb.push(" AND subject = ").push_bind(s.as_str());
+        }
+        if let Some(t) = q.since_us {
+            qb.push(" AND created_at >= ").push_bind(t);
+        }
+        if let Some(t) = q.until_us {
+            qb.push(" AND created_at < ").push_bind(t);
+        }
+        if let Some(c) = cursor {
+            qb.push(" AND (created_at, id) < (")
+                .push_bind(c.created_us)
+                .push(", ")
+                .push_bind(c.id.hyphenated().to_string())
+                .push(")");
+        }
+        if let Some(text) = q.q.as_deref().filter(|t| !t.trim().is_empty()) {
+            let w = words(text);
+            if w.is_empty() {
+                return Ok(Page::default());
+            }
+            // Each word a quoted FTS5 string: user input never becomes query syntax.
+            let expr: Vec<String> = w.iter().map(|w| format!("\"{w}\"")).collect();
+            qb.push(
+                " AND rowid IN (SELECT rowid FROM spool_entries_fts WHERE spool_entries_fts MATCH ",
+            )
+            .push_bind(expr.join(" "))
+            .push(")");
+        }
+        qb.push(" ORDER BY created_at DESC, id DESC LIMIT ")
+            .push_bind(limit as i64);
+        let rows = qb
+            .build()
+            .fetch_all(&self.readers)
+            .await
+            .map_err(|e| self.err(e))?;
+        let entries = rows
+            .iter()
+            .map(|r| self.row(r))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Page {
+            next_cursor: next_cursor(&entries, limit),
+            entries,
+        })
+    }
+
+    async fn health(&self) -> Result<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.writer)
+            .await
+            .map(drop)
+            .map_err(|e| self.err(e))
+    }
+
+    async fn close(&self) {
+        self.writer.close().await;
+        self.readers.close().await;
+    }
+}

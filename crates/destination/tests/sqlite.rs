@@ -1,0 +1,112 @@
+//! The destination suite against real SQLite files.
+
+mod suite;
+
+use spool_destination::{open, DestinationConfig, DestinationError, Kind, SqliteDestination};
+use suite::*;
+
+async fn fresh() -> (tempfile::TempDir, Dest) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = DestinationConfig {
+        name: "main".into(),
+        kind: Kind::Sqlite,
+        path: Some(dir.path().join("db/spool.db").to_str().unwrap().into()),
+        url: None,
+        pool_size: None,
+    };
+    let d = open(&cfg).await.unwrap();
+    (dir, d)
+}
+
+#[tokio::test]
+async fn redelivery() {
+    let (_t, d) = fresh().await;
+    redelivery_is_idempotent_and_first_write_wins(d).await;
+}
+
+#[tokio::test]
+async fn poison() {
+    let (_t, d) = fresh().await;
+    a_poison_entry_is_named_and_the_rest_can_be_written(d, "{not json").await;
+}
+
+#[tokio::test]
+async fn queries() {
+    let (_t, d) = fresh().await;
+    queries_filter_order_and_search(d).await;
+}
+
+#[tokio::test]
+async fn cursors() {
+    let (_t, d) = fresh().await;
+    cursors_neither_skip_nor_repeat_under_concurrent_inserts(d).await;
+}
+
+#[tokio::test]
+async fn unicode_and_large() {
+    let (_t, d) = fresh().await;
+    unicode_and_large_payloads_round_trip(d).await;
+}
+
+#[tokio::test]
+async fn injection() {
+    let (_t, d) = fresh().await;
+    injection_strings_are_data(d).await;
+}
+
+#[tokio::test]
+async fn migrations_on_existing_database_and_newer_schema_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spool.db");
+    let d = SqliteDestination::open("main", &path, None).await.unwrap();
+    use spool_destination::Destination;
+    d.write_batch(&[logged(1, "m", None, r#"{"a":1}"#, 1)])
+        .await
+        .unwrap();
+    d.close().await;
+    // Reopen: nothing re-applied, data intact.
+    let d = SqliteDestination::open("main", &path, None).await.unwrap();
+    let page = d
+        .query(&spool_destination::Query {
+            source: "m".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(page.entries.len(), 1);
+    d.close().await;
+    // A schema from the future is refused with a clear error.
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO spool_schema (version) VALUES (99)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    match SqliteDestination::open("main", &path, None).await {
+        Err(DestinationError::SchemaTooNew {
+            found: 99,
+            known: 1,
+            ..
+        }) => {}
+        Err(e) => panic!("expected SchemaTooNew, got {e}"),
+        Ok(_) => panic!("expected SchemaTooNew, opened"),
+    }
+}
+
+#[tokio::test]
+async fn the_database_file_is_in_wal_journal_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spool.db");
+    let _d = SqliteDestination::open("main", &path, None).await.unwrap();
+    // journal_mode=WAL is persistent in the file: a fresh connection sees it.
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(mode, "wal");
+}

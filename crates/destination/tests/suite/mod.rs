@@ -1,0 +1,319 @@
+//! Behaviour every destination must have; run against real SQLite and Postgres.
+#![allow(dead_code)]
+
+use spool_destination::{Destination, DestinationError, Query};
+use spool_wal::{Entry, LoggedEntry};
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+pub type Dest = Arc<dyn Destination>;
+
+pub fn logged(
+    lsn: u64,
+    source: &str,
+    subject: Option<&str>,
+    payload: &str,
+    at_us: i64,
+) -> LoggedEntry {
+    let mut e = Entry::new(source, "main", payload.as_bytes().to_vec());
+    e.subject = subject.map(str::to_owned);
+    e.accepted_at_us = at_us;
+    LoggedEntry { lsn, entry: e }
+}
+
+fn q(source: &str) -> Query {
+    Query {
+        source: source.into(),
+        limit: 1000,
+        ..Query::default()
+    }
+}
+
+async fn all(d: &Dest, source: &str) -> Vec<spool_destination::StoredEntry> {
+    d.query(&q(source)).await.unwrap().entries
+}
+
+pub async fn redelivery_is_idempotent_and_first_write_wins(d: Dest) {
+    let batch: Vec<LoggedEntry> = (0..20)
+        .map(|i| {
+            logged(
+                i,
+                "s",
+                Some("a"),
+                &format!(r#"{{"i":{i}}}"#),
+                1_000 + i as i64,
+            )
+        })
+        .collect();
+    d.write_batch(&batch).await.unwrap();
+    d.write_batch(&batch).await.unwrap();
+    let mut changed = batch.clone();
+    for le in &mut changed {
+        le.entry.payload = br#"{"changed":true}"#.to_vec();
+    }
+    d.write_batch(&changed[5..10]).await.unwrap();
+    let rows = all(&d, "s").await;
+    assert_eq!(rows.len(), 20);
+    for r in &rows {
+        let orig = batch.iter().find(|b| b.entry.id == r.entry.id).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&r.entry.payload).unwrap();
+        let want: serde_json::Value = serde_json::from_slice(&orig.entry.payload).unwrap();
+        assert_eq!(v, want, "a redelivery changed the first write");
+        assert_eq!(r.lsn, orig.lsn);
+    }
+    // Duplicates inside one batch are fine too.
+    let dup = vec![batch[0].clone(), batch[0].clone()];
+    d.write_batch(&dup).await.unwrap();
+    assert_eq!(all(&d, "s").await.len(), 20);
+}
+
+pub async fn a_poison_entry_is_named_and_the_rest_can_be_written(d: Dest, poison: &str) {
+    let mut batch: Vec<LoggedEntry> = (0..6)
+        .map(|i| logged(i, "p", None, &format!(r#"{{"i":{i}}}"#), 10 + i as i64))
+        .collect();
+    batch[3].entry.payload = poison.as_bytes().to_vec();
+    match d.write_batch(&batch).await.unwrap_err() {
+        DestinationError::Rejected { index: Some(3), .. } => {}
+        other => panic!("expected rejection of entry 3, got {other}"),
+    }
+    assert!(all(&d, "p").await.is_empty(), "a rejected batch wrote rows");
+    batch.remove(3);
+    d.write_batch(&batch).await.unwrap();
+    assert_eq!(all(&d, "p").await.len(), 5);
+}
+
+pub async fn queries_filter_order_and_search(d: Dest) {
+    let batch = vec![
+        logged(
+            1,
+            "q",
+            Some("alice"),
+            r#"{"text":"the quick brown fox"}"#,
+            100,
+        ),
+        logged(
+            2,
+            "q",
+            Some("bob"),
+            r#"{"text":"lazy dog sleeps","tags":["brown"]}"#,
+            200,
+        ),
+        logged(
+            3,
+            "q",
+            Some("alice"),
+            r#"{"note":"Grüße aus Köln","n":5}"#,
+            300,
+        ),
+        logged(
+            4,
+            "other",
+            Some("alice"),
+            r#"{"text":"brown fox from another source"}"#,
+            400,
+        ),
+    ];
+    d.write_batch(&batch).await.unwrap();
+    let ids = |p: &spool_destination::Page| p.entries.iter().map(|e| e.lsn).collect::<Vec<_>>();
+
+    assert_eq!(
+        ids(&d.query(&q("q")).await.unwrap()),
+        vec![3, 2, 1],
+        "newest first"
+    );
+    let sub = Query {
+        subject: Some("alice".into()),
+        ..q("q")
+    };
+    assert_eq!(ids(&d.query(&sub).await.unwrap()), vec![3, 1]);
+    let fts = Query {
+        q: Some("brown".into()),
+        ..q("q")
+    };
+    assert_eq!(
+        ids(&d.query(&fts).await.unwrap()),
+        vec![2, 1],
+        "full-text over string values"
+    );
+    let both = Query {
+        q: Some("quick FOX".into()),
+        ..q("q")
+    };
+    assert_eq!(
+        ids(&d.query(&both).await.unwrap()),
+        vec![1],
+        "every word must match"
+    );
+    let uni = Query {
+        q: Some("grüße".into()),
+        ..q("q")
+    };
+    assert_eq!(ids(&d.query(&uni).await.unwrap()), vec![3]);
+    let range = Query {
+        since_us: Some(150),
+        until_us: Some(300),
+        ..q("q")
+    };
+    assert_eq!(
+        ids(&d.query(&range).await.unwrap()),
+        vec![2],
+        "since inclusive, until exclusive"
+    );
+    let none = Query {
+        q: Some("zebra".into()),
+        ..q("q")
+    };
+    assert!(d.query(&none).await.unwrap().entries.is_empty());
+    // By id, scoped to the source.
+    let e = &batch[0].entry;
+    let got = d.get("q", e.id).await.unwrap().unwrap();
+    // Postgres hands back its normalized jsonb text: compare as JSON.
+    let json = |b: &[u8]| serde_json::from_slice::<serde_json::Value>(b).unwrap();
+    assert_eq!(json(&got.entry.payload), json(&e.payload));
+    assert_eq!(
+        (
+            got.lsn,
+            got.entry.subject.as_deref(),
+            got.entry.accepted_at_us
+        ),
+        (1, Some("alice"), 100)
+    );
+    assert!(
+        d.get("other", e.id).await.unwrap().is_none(),
+        "read across sources"
+    );
+    let bad = Query {
+        limit: 1001,
+        ..q("q")
+    };
+    assert!(matches!(
+        d.query(&bad).await,
+        Err(DestinationError::InvalidQuery(_))
+    ));
+}
+
+pub async fn cursors_neither_skip_nor_repeat_under_concurrent_inserts(d: Dest) {
+    let base: Vec<LoggedEntry> = (0..95)
+        .map(|i| {
+            logged(
+                i,
+                "c",
+                None,
+                &format!(r#"{{"i":{i}}}"#),
+                1_000_000 + (i as i64 / 3),
+            )
+        })
+        .collect();
+    d.write_batch(&base).await.unwrap();
+    let mut seen = Vec::new();
+    let mut cursor = None;
+    let mut extra = 1000u64;
+    loop {
+        let page = d
+            .query(&Query {
+                limit: 10,
+                cursor: cursor.clone(),
+                ..q("c")
+            })
+            .await
+            .unwrap();
+        seen.extend(page.entries.iter().map(|e| e.lsn));
+        // New entries arrive between pages (accepted now, so newer than all).
+        let fresh: Vec<_> = (0..3)
+            .map(|k| {
+                logged(
+                    extra + k,
+                    "c",
+                    None,
+                    r#"{"late":true}"#,
+                    2_000_000 + extra as i64,
+                )
+            })
+            .collect();
+        extra += 3;
+        d.write_batch(&fresh).await.unwrap();
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    let unique: BTreeSet<u64> = seen.iter().copied().collect();
+    assert_eq!(unique.len(), seen.len(), "a page repeated an entry");
+    let base_seen: BTreeSet<u64> = unique.iter().copied().filter(|l| *l < 1000).collect();
+    assert_eq!(base_seen, (0..95).collect(), "pagination skipped entries");
+}
+
+pub async fn unicode_and_large_payloads_round_trip(d: Dest) {
+    let big = format!(r#"{{"blob":"{}"}}"#, "ä".repeat(512 * 1024)); // ≈1 MiB
+    let batch = vec![
+        logged(
+            1,
+            "u",
+            Some("日本語 subject ✓"),
+            r#"{"emoji":"🦀🚀","rtl":"שלום"}"#,
+            1,
+        ),
+        logged(2, "u", None, &big, 2),
+    ];
+    d.write_batch(&batch).await.unwrap();
+    let a = d.get("u", batch[0].entry.id).await.unwrap().unwrap();
+    assert_eq!(a.entry.subject.as_deref(), Some("日本語 subject ✓"));
+    let v: serde_json::Value = serde_json::from_slice(&a.entry.payload).unwrap();
+    assert_eq!(v["emoji"], "🦀🚀");
+    let b = d.get("u", batch[1].entry.id).await.unwrap().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&b.entry.payload).unwrap();
+    assert_eq!(v["blob"].as_str().unwrap().chars().count(), 512 * 1024);
+}
+
+pub async fn injection_strings_are_data(d: Dest) {
+    let evil = "'; DROP TABLE spool_entries; --";
+    let batch = vec![logged(
+        1,
+        evil,
+        Some(evil),
+        &format!(r#"{{"text":"{}"}}"#, "x\\\" OR 1=1 --"),
+        5,
+    )];
+    d.write_batch(&batch).await.unwrap();
+    let page = d
+        .query(&Query {
+            subject: Some(evil.into()),
+            q: Some(evil.into()),
+            ..q(evil)
+        })
+        .await
+        .unwrap();
+    assert!(
+        page.entries.is_empty(),
+        "words of the injection are not in the payload"
+    );
+    let page = d
+        .query(&Query {
+            subject: Some(evil.into()),
+            ..q(evil)
+        })
+        .await
+        .unwrap();
+    assert_eq!(page.entries.len(), 1);
+    assert_eq!(page.entries[0].entry.source, evil);
+    let bad_cursor = Query {
+        cursor: Some(evil.into()),
+        ..q(evil)
+    };
+    assert!(matches!(
+        d.query(&bad_cursor).await,
+        Err(DestinationError::InvalidQuery(_))
+    ));
+    let fts = Query {
+        q: Some("OR 1=1".into()),
+        ..q(evil)
+    };
+    assert_eq!(
+        d.query(&fts).await.unwrap().entries.len(),
+        1,
+        "q words are plain words"
+    );
+    // The table is still there.
+    assert_eq!(all(&d, evil).await.len(), 1);
+    d.health().await.unwrap();
+}
