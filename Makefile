@@ -24,6 +24,8 @@ bench:
 	./target/release/spool-bench wal --dir $(BENCH_DIR) --appenders 1,16,256 --record-bytes 256 --seconds $(BENCH_SECONDS) --baseline
 	./target/release/spool-bench wal-recovery --dir $(BENCH_DIR) --entries 1000000
 	./target/release/spool-bench wal-recovery --dir $(BENCH_DIR) --entries 1000000 --delivered
+	./target/release/spool-bench sink --destination sqlite --rows 200000 --batch 500
+	./target/release/spool-bench sink --destination postgres --rows 200000 --batch 1000 --concurrency 2
 
 ## fuzz: libFuzzer on the WAL decoder and recovery for FUZZ_SECONDS (cargo-fuzz on stable)
 fuzz:

@@ -60,6 +60,30 @@ enum Cmd {
         #[arg(long)]
         delivered: bool,
     },
+    /// Batched writes straight into a destination.
+    Sink {
+        /// `sqlite` or `postgres`.
+        #[arg(long)]
+        destination: String,
+        /// Postgres URL; without it a throwaway local server is started (fsync on).
+        #[arg(long)]
+        url: Option<String>,
+        /// SQLite file; without it a temp file.
+        #[arg(long)]
+        path: Option<PathBuf>,
+        /// Rows to write.
+        #[arg(long, default_value_t = 200_000)]
+        rows: usize,
+        /// Rows per batch (one transaction each).
+        #[arg(long, default_value_t = 500)]
+        batch: usize,
+        /// Payload bytes per row.
+        #[arg(long, default_value_t = 256)]
+        record_bytes: usize,
+        /// Batches written concurrently.
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
+    },
 }
 
 fn main() -> Result<()> {
@@ -103,6 +127,34 @@ fn main() -> Result<()> {
             delivered,
         } => {
             println!("{}", wal_recovery(&dir, entries, record_bytes, delivered)?);
+            Ok(())
+        }
+        Cmd::Sink {
+            destination,
+            url,
+            path,
+            rows,
+            batch,
+            record_bytes,
+            concurrency,
+        } => {
+            if batch == 0 || rows == 0 || concurrency == 0 {
+                bail!("--rows, --batch and --concurrency must be positive");
+            }
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            let r = rt.block_on(sink(
+                &destination,
+                url,
+                path,
+                rows,
+                batch,
+                record_bytes,
+                concurrency,
+            ))?;
+            println!("{r}");
             Ok(())
         }
     }
@@ -290,5 +342,76 @@ fn wal_recovery(
         "bytes_scanned": rep.bytes_scanned,
         "open_seconds": (open * 1000.0).round() / 1000.0,
         "scan_bytes_per_sec": (rep.bytes_scanned as f64 / open).round(),
+    }))
+}
+
+async fn sink(
+    kind: &str,
+    url: Option<String>,
+    path: Option<PathBuf>,
+    rows: usize,
+    batch: usize,
+    record_bytes: usize,
+    concurrency: usize,
+) -> Result<serde_json::Value> {
+    use spool_destination::{Destination, PostgresDestination, SqliteDestination};
+    let tmp = tempfile::tempdir()?;
+    let mut _server = None;
+    let dest: Arc<dyn Destination> = match kind {
+        "sqlite" => {
+            let p = path.unwrap_or_else(|| tmp.path().join("sink.db"));
+            Arc::new(SqliteDestination::open("bench", &p, None).await?)
+        }
+        "postgres" => {
+            let url = match url {
+                Some(u) => u,
+                None => {
+                    let s = spool_testkit::PgServer::start_with(true);
+                    let u = s.url().to_owned();
+                    _server = Some(s);
+                    u
+                }
+            };
+            Arc::new(PostgresDestination::open("bench", &url, Some(concurrency as u32 + 1)).await?)
+        }
+        other => bail!("--destination must be sqlite or postgres, got {other:?}"),
+    };
+    let payload = payload(record_bytes);
+    let batches: Vec<Vec<spool_wal::LoggedEntry>> = (0..rows)
+        .map(|i| spool_wal::LoggedEntry {
+            lsn: i as u64 + 1,
+            entry: Entry::new("bench", "bench", payload.clone()),
+        })
+        .collect::<Vec<_>>()
+        .chunks(batch)
+        .map(<[_]>::to_vec)
+        .collect();
+    let queue = Arc::new(std::sync::Mutex::new(batches));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (dest, queue) = (dest.clone(), queue.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let Some(b) = queue.lock().unwrap().pop() else {
+                    return anyhow::Ok(());
+                };
+                dest.write_batch(&b).await?;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    dest.close().await;
+    Ok(json!({
+        "bench": "sink",
+        "destination": kind,
+        "rows": rows,
+        "batch": batch,
+        "concurrency": concurrency,
+        "record_bytes": record_bytes,
+        "rows_per_sec": (rows as f64 / secs).round(),
     }))
 }

@@ -37,7 +37,7 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX spool_entries_by_subject ON spool_entries (source, subject, created_at, id);
     CREATE INDEX spool_entries_by_time ON spool_entries (source, created_at, id);
-    CREATE VIRTUAL TABLE spool_entries_fts USING fts5(body, content='');
+    CREATE VIRTUAL TABLE spool_entries_fts USING fts5(body, content='', detail=none, columnsize=0);
     CREATE TRIGGER spool_entries_fts_insert AFTER INSERT ON spool_entries BEGIN
         INSERT INTO spool_entries_fts (rowid, body)
         SELECT new.rowid, group_concat(value, ' ') FROM json_tree(new.payload) WHERE type = 'text';
