@@ -518,6 +518,39 @@ impl Wal {
         self.read_tracked(after, limit, |s| *s == Tracked::Pending)
     }
 
+    /// Read up to `limit` pending entries for `destination` with `after < LSN ≤ upto`,
+    /// oldest first, from disk (the delivery engine's redrive after a restart).
+    pub fn pending_for(
+        &self,
+        destination: &str,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Vec<LoggedEntry>> {
+        if after >= upto {
+            return Ok(Vec::new());
+        }
+        let wanted: Vec<(u64, u64, u64)> = {
+            let st = self.shared.state();
+            st.tracked
+                .range(after + 1..=upto)
+                .filter(|(_, m)| m.status == Tracked::Pending && &*m.destination == destination)
+                .take(limit)
+                .filter_map(|(l, m)| Some((*l, st.segment_of(*l)?, m.offset)))
+                .collect()
+        };
+        self.read_at(&wanted)
+    }
+
+    /// Entries pending for `destination`.
+    pub fn pending_count_for(&self, destination: &str) -> u64 {
+        let st = self.shared.state();
+        st.tracked
+            .values()
+            .filter(|m| m.status == Tracked::Pending && &*m.destination == destination)
+            .count() as u64
+    }
+
     /// Read the given tracked entries (pending or dead) from disk, in LSN order.
     /// LSNs the WAL no longer tracks are left out.
     pub fn read_entries(&self, lsns: &[u64]) -> Result<Vec<LoggedEntry>> {

@@ -1,0 +1,213 @@
+//! One destination's lane: its bounded capacity, the entries waiting for a
+//! worker, and the set of LSNs held in memory (queued or being delivered).
+//!
+//! Capacity is reserved *before* the WAL append and released when an entry is
+//! terminal (delivered or failed) or dropped at shutdown. An entry is held from
+//! the moment it is pushed until it is released; the feeder never pushes an LSN
+//! that is held, so nothing is delivered twice by the same process.
+
+use spool_destination::Destination;
+use spool_wal::LoggedEntry;
+use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+
+pub(crate) struct Lane {
+    pub dest: Arc<dyn Destination>,
+    pub name: String,
+    pub capacity: usize,
+    used: AtomicUsize,
+    state: Mutex<LaneState>,
+    /// Entries were pushed, or the lane closed.
+    pub work: Notify,
+    /// Capacity was released, or requeued entries await feeding.
+    pub space: Notify,
+    pub up: AtomicBool,
+    rate: Mutex<Rate>,
+}
+
+#[derive(Default)]
+struct LaneState {
+    items: VecDeque<LoggedEntry>,
+    held: HashSet<u64>,
+    closed: bool,
+    /// Requeued dead letters waiting for the feeder.
+    requeued: BTreeSet<u64>,
+}
+
+/// Delivered entries per second, over windows of about a second.
+struct Rate {
+    since: Instant,
+    count: u64,
+    per_sec: f64,
+}
+
+impl Lane {
+    pub fn new(dest: Arc<dyn Destination>, capacity: usize) -> Lane {
+        Lane {
+            name: dest.name().to_owned(),
+            dest,
+            capacity,
+            used: AtomicUsize::new(0),
+            state: Mutex::new(LaneState::default()),
+            work: Notify::new(),
+            space: Notify::new(),
+            up: AtomicBool::new(true),
+            rate: Mutex::new(Rate {
+                since: Instant::now(),
+                count: 0,
+                per_sec: 0.0,
+            }),
+        }
+    }
+
+    fn st(&self) -> MutexGuard<'_, LaneState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reserve `n` slots, all or none.
+    pub fn try_reserve(&self, n: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                (u + n <= self.capacity).then_some(u + n)
+            })
+            .is_ok()
+    }
+
+    /// Give back `n` reserved slots that were never pushed (a failed append).
+    pub fn unreserve(&self, n: usize) {
+        self.used.fetch_sub(n, Ordering::AcqRel);
+        self.space.notify_waiters();
+    }
+
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Acquire)
+    }
+
+    pub fn free(&self) -> usize {
+        self.capacity.saturating_sub(self.used())
+    }
+
+    /// Queue reserved entries for the workers. Entries already held are not
+    /// queued again, and their reservation is given back.
+    pub fn push(&self, entries: impl IntoIterator<Item = LoggedEntry>) {
+        let mut dup = 0;
+        {
+            let mut st = self.st();
+            for e in entries {
+                if st.held.insert(e.lsn) {
+                    st.items.push_back(e);
+                } else {
+                    dup += 1;
+                }
+            }
+        }
+        if dup > 0 {
+            self.unreserve(dup);
+        }
+        self.work.notify_waiters();
+    }
+
+    /// Entries are terminal (or dropped at shutdown): free their slots.
+    pub fn release(&self, lsns: &[u64], delivered: bool) {
+        {
+            let mut st = self.st();
+            for l in lsns {
+                st.held.remove(l);
+            }
+        }
+        self.used.fetch_sub(lsns.len(), Ordering::AcqRel);
+        if delivered {
+            let mut r = self.rate.lock().unwrap_or_else(|p| p.into_inner());
+            r.count += lsns.len() as u64;
+            let el = r.since.elapsed();
+            if el >= Duration::from_secs(1) {
+                r.per_sec = r.count as f64 / el.as_secs_f64();
+                r.count = 0;
+                r.since = Instant::now();
+            }
+        }
+        self.space.notify_waiters();
+    }
+
+    /// Seconds a producer should wait before retrying: the time the current drain
+    /// rate needs to empty the queue, at least 1 s, at most 60 s (10 s when
+    /// nothing is draining, e.g. during an outage).
+    pub fn retry_after(&self) -> Duration {
+        let rate = self.rate.lock().unwrap_or_else(|p| p.into_inner()).per_sec;
+        let secs = if rate < 1.0 {
+            10.0
+        } else {
+            (self.used() as f64 / rate).ceil()
+        };
+        Duration::from_secs(secs.clamp(1.0, 60.0) as u64)
+    }
+
+    /// Take up to `max` entries, waiting up to `linger` for a fuller batch once
+    /// the first entry is there. `None` when the lane is closed and empty.
+    pub async fn take(&self, max: usize, linger: Duration) -> Option<Vec<LoggedEntry>> {
+        let mut deadline: Option<tokio::time::Instant> = None;
+        loop {
+            let notified = self.work.notified();
+            {
+                let mut st = self.st();
+                if !st.items.is_empty() {
+                    let d = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + linger);
+                    if st.items.len() >= max || st.closed || tokio::time::Instant::now() >= d {
+                        let n = st.items.len().min(max);
+                        return Some(st.items.drain(..n).collect());
+                    }
+                } else if st.closed {
+                    return None;
+                } else {
+                    // Another worker took what was there: wait for new work afresh.
+                    deadline = None;
+                }
+            }
+            match deadline {
+                Some(d) => {
+                    tokio::select! {
+                        _ = notified => {}
+                        _ = tokio::time::sleep_until(d) => {}
+                    }
+                }
+                None => notified.await,
+            }
+        }
+    }
+
+    /// Stop taking new work: workers finish what is queued, then see `None`.
+    pub fn close(&self) {
+        self.st().closed = true;
+        self.work.notify_waiters();
+        self.space.notify_waiters();
+    }
+
+    pub fn depth(&self) -> usize {
+        self.st().items.len()
+    }
+
+    /// Drop whatever is still queued (shutdown deadline): it stays pending in the WAL.
+    pub fn abandon(&self) -> usize {
+        let lsns: Vec<u64> = self.st().items.drain(..).map(|e| e.lsn).collect();
+        self.release(&lsns, false);
+        lsns.len()
+    }
+
+    pub fn add_requeued(&self, lsns: impl IntoIterator<Item = u64>) {
+        self.st().requeued.extend(lsns);
+        self.space.notify_waiters();
+    }
+
+    /// Up to `n` requeued LSNs to feed, removed from the set.
+    pub fn take_requeued(&self, n: usize) -> Vec<u64> {
+        let mut st = self.st();
+        let v: Vec<u64> = st.requeued.iter().copied().take(n).collect();
+        for l in &v {
+            st.requeued.remove(l);
+        }
+        v
+    }
+}

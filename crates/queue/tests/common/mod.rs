@@ -1,0 +1,133 @@
+//! A fault-injecting destination for the retry/backoff logic, and helpers.
+#![allow(dead_code)]
+
+use async_trait::async_trait;
+use spool_destination::{Destination, DestinationError, Page, Query, StoredEntry};
+use spool_wal::{Entry, LoggedEntry};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Mutex;
+use uuid::Uuid;
+
+/// A destination that keeps rows in memory and fails on command.
+pub struct Faulty {
+    name: String,
+    pub rows: Mutex<HashMap<Uuid, LoggedEntry>>,
+    /// Times (tokio clock) of each write attempt.
+    pub attempts: Mutex<Vec<tokio::time::Instant>>,
+    /// Transient failures still to serve (health stays OK).
+    pub fail_next: AtomicU32,
+    /// Fail every write transiently (health stays OK).
+    pub fail_always: AtomicBool,
+    /// Down: writes and health checks fail (an outage).
+    pub down: AtomicBool,
+    /// Writes never return.
+    pub hang: AtomicBool,
+    /// Reject entries whose payload contains "poison" — naming the index, or not.
+    pub reject_with_index: AtomicBool,
+}
+
+impl Faulty {
+    pub fn new(name: &str) -> std::sync::Arc<Faulty> {
+        std::sync::Arc::new(Faulty {
+            name: name.into(),
+            rows: Mutex::default(),
+            attempts: Mutex::default(),
+            fail_next: AtomicU32::new(0),
+            fail_always: AtomicBool::new(false),
+            down: AtomicBool::new(false),
+            hang: AtomicBool::new(false),
+            reject_with_index: AtomicBool::new(true),
+        })
+    }
+
+    fn transient(&self, m: &str) -> DestinationError {
+        DestinationError::Transient {
+            destination: self.name.clone(),
+            message: m.into(),
+        }
+    }
+
+    pub fn row_count(&self) -> usize {
+        self.rows.lock().unwrap().len()
+    }
+}
+
+#[async_trait]
+impl Destination for Faulty {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn write_batch(&self, batch: &[LoggedEntry]) -> Result<(), DestinationError> {
+        self.attempts
+            .lock()
+            .unwrap()
+            .push(tokio::time::Instant::now());
+        if self.hang.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        if self.down.load(Ordering::SeqCst) {
+            return Err(self.transient("connection refused"));
+        }
+        if self.fail_always.load(Ordering::SeqCst) {
+            return Err(self.transient("serialization failure"));
+        }
+        if self
+            .fail_next
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(self.transient("timeout"));
+        }
+        if let Some(i) = batch
+            .iter()
+            .position(|e| e.entry.payload.windows(6).any(|w| w == b"poison"))
+        {
+            return Err(DestinationError::Rejected {
+                destination: self.name.clone(),
+                index: self.reject_with_index.load(Ordering::SeqCst).then_some(i),
+                reason: "constraint violated".into(),
+            });
+        }
+        let mut rows = self.rows.lock().unwrap();
+        for e in batch {
+            rows.entry(e.entry.id).or_insert_with(|| e.clone());
+        }
+        Ok(())
+    }
+
+    async fn get(&self, _source: &str, id: Uuid) -> Result<Option<StoredEntry>, DestinationError> {
+        Ok(self.rows.lock().unwrap().get(&id).map(|e| StoredEntry {
+            lsn: e.lsn,
+            entry: e.entry.clone(),
+            delivered_at_us: 0,
+        }))
+    }
+
+    async fn query(&self, _q: &Query) -> Result<Page, DestinationError> {
+        Ok(Page::default())
+    }
+
+    async fn health(&self) -> Result<(), DestinationError> {
+        if self.down.load(Ordering::SeqCst) {
+            Err(self.transient("connection refused"))
+        } else {
+            Ok(())
+        }
+    }
+
+    async fn close(&self) {}
+}
+
+pub fn entry(n: u64) -> Entry {
+    Entry::new("agents", "main", format!(r#"{{"n":{n}}}"#).into_bytes())
+}
+
+pub fn poison(n: u64) -> Entry {
+    Entry::new(
+        "agents",
+        "main",
+        format!(r#"{{"n":{n},"x":"poison"}}"#).into_bytes(),
+    )
+}

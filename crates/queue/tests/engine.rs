@@ -1,0 +1,358 @@
+//! The engine against a fault-injecting destination (retry, backoff, breaker,
+//! poison, drain, redrive) and against real SQLite.
+
+mod common;
+
+use common::*;
+use spool_destination::{Destination, Query, SqliteDestination};
+use spool_queue::{backoff_delay, Engine, EngineConfig, IngestError, Outcome};
+use spool_wal::{Wal, WalConfig};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+fn cfg() -> EngineConfig {
+    EngineConfig {
+        capacity: 1000,
+        workers: 2,
+        batch_max: 100,
+        batch_linger: Duration::from_millis(2),
+        max_attempts: 5,
+        backoff_initial: Duration::from_millis(100),
+        backoff_max: Duration::from_secs(2),
+    }
+}
+
+fn wal(dir: &std::path::Path) -> Wal {
+    Wal::open(dir, WalConfig::default()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_producers_are_delivered_to_sqlite_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Arc::new(
+        SqliteDestination::open("main", &dir.path().join("spool.db"), None)
+            .await
+            .unwrap(),
+    );
+    let engine = Engine::start(wal(&dir.path().join("wal")), vec![db.clone()], cfg()).unwrap();
+    let mut tasks = Vec::new();
+    for t in 0..16u64 {
+        let engine = engine.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for i in 0..25u64 {
+                let batch: Vec<_> = (0..4).map(|k| entry(t * 1000 + i * 4 + k)).collect();
+                let r = engine.ingest(batch, true).await.unwrap();
+                ids.extend(r.accepted.iter().map(|a| a.id));
+                assert!(r.outcomes().await.iter().all(|o| *o == Outcome::Delivered));
+            }
+            ids
+        }));
+    }
+    let mut ids = Vec::new();
+    for t in tasks {
+        ids.extend(t.await.unwrap());
+    }
+    assert_eq!(ids.len(), 1600);
+    let page = db
+        .query(&Query {
+            source: "agents".into(),
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(page.entries.len(), 1000);
+    for id in &ids[..50] {
+        assert!(db.get("agents", *id).await.unwrap().is_some());
+    }
+    assert_eq!(engine.wal().status().pending, 0);
+    let r = engine.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(r.left_pending, 0);
+}
+
+#[tokio::test]
+async fn a_full_queue_refuses_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let dest = Faulty::new("main");
+    dest.hang.store(true, Ordering::SeqCst);
+    let engine = Engine::start(
+        wal(dir.path()),
+        vec![dest.clone()],
+        EngineConfig {
+            capacity: 10,
+            ..cfg()
+        },
+    )
+    .unwrap();
+    engine
+        .ingest((0..6).map(entry).collect(), false)
+        .await
+        .unwrap();
+    engine
+        .ingest((6..10).map(entry).collect(), false)
+        .await
+        .unwrap();
+    let before = engine.wal().status();
+    match engine.ingest(vec![entry(10)], false).await {
+        Err(IngestError::Full {
+            destination,
+            retry_after,
+        }) => {
+            assert_eq!(destination, "main");
+            assert!(retry_after >= Duration::from_secs(1));
+        }
+        other => panic!("expected Full, got {other:?}"),
+    }
+    // All or nothing: a call that needs 2 slots when 0 are free writes none.
+    assert!(engine
+        .ingest(vec![entry(11), entry(12)], false)
+        .await
+        .is_err());
+    let after = engine.wal().status();
+    assert_eq!(
+        after.visible_lsn, before.visible_lsn,
+        "a refused call reached the WAL"
+    );
+    assert_eq!(after.pending, 10);
+}
+
+#[tokio::test(start_paused = true)]
+async fn transient_failures_retry_with_capped_jittered_backoff() {
+    let dir = tempfile::tempdir().unwrap();
+    let dest = Faulty::new("main");
+    dest.fail_next.store(3, Ordering::SeqCst);
+    let engine = Engine::start(wal(dir.path()), vec![dest.clone()], cfg()).unwrap();
+    let r = engine.ingest(vec![entry(1)], true).await.unwrap();
+    assert_eq!(r.outcomes().await, vec![Outcome::Delivered]);
+    let times = dest.attempts.lock().unwrap().clone();
+    assert_eq!(times.len(), 4, "3 failures then a success");
+    for (k, w) in times.windows(2).enumerate() {
+        let gap = w[1] - w[0];
+        let ceiling = backoff_delay(k as u32 + 1, cfg().backoff_initial, cfg().backoff_max, 1.0);
+        assert!(
+            gap <= ceiling + Duration::from_millis(5),
+            "retry {k}: waited {gap:?} > {ceiling:?}"
+        );
+    }
+    assert!(engine.dead_letters(None, 10).is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn max_attempts_make_a_dead_letter_that_requeue_delivers() {
+    let dir = tempfile::tempdir().unwrap();
+    let dest = Faulty::new("main");
+    dest.fail_always.store(true, Ordering::SeqCst);
+    let engine = Engine::start(wal(dir.path()), vec![dest.clone()], cfg()).unwrap();
+    let r = engine.ingest(vec![entry(1)], true).await.unwrap();
+    let id = r.accepted[0].id;
+    match &r.outcomes().await[0] {
+        Outcome::Failed { reason } => assert!(reason.contains("serialization"), "{reason}"),
+        o => panic!("expected failure, got {o:?}"),
+    }
+    assert_eq!(dest.attempts.lock().unwrap().len(), 5);
+    let dead = engine.dead_letters(None, 10);
+    assert_eq!(dead.len(), 1);
+    assert_eq!((dead[0].id, dead[0].attempts), (id, 5));
+    assert!(matches!(
+        engine.status(id),
+        Some((_, spool_wal::Tracked::Dead { attempts: 5, .. }))
+    ));
+    // Capacity was released with the failure.
+    assert_eq!(engine.lanes()[0].in_flight, 0);
+
+    dest.fail_always.store(false, Ordering::SeqCst);
+    assert_eq!(engine.requeue(Some(&[id])).await.unwrap(), vec![id]);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while dest.row_count() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "requeued entry never delivered"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    while engine.status(id).is_some() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(engine.dead_letters(None, 10).is_empty());
+}
+
+#[tokio::test]
+async fn a_poison_entry_is_isolated_and_the_rest_delivered() {
+    for with_index in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = Faulty::new("main");
+        dest.reject_with_index.store(with_index, Ordering::SeqCst);
+        let engine = Engine::start(wal(dir.path()), vec![dest.clone()], cfg()).unwrap();
+        let mut batch: Vec<_> = (0..10).map(entry).collect();
+        batch[6] = poison(6);
+        let r = engine.ingest(batch, true).await.unwrap();
+        let out = r.outcomes().await;
+        for (i, o) in out.iter().enumerate() {
+            if i == 6 {
+                assert!(
+                    matches!(o, Outcome::Failed { reason } if reason.contains("constraint")),
+                    "{o:?}"
+                );
+            } else {
+                assert_eq!(
+                    *o,
+                    Outcome::Delivered,
+                    "entry {i} (with_index {with_index})"
+                );
+            }
+        }
+        assert_eq!(dest.row_count(), 9);
+        let dead = engine.dead_letters(None, 10);
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].attempts, 1, "a rejection is final at once");
+    }
+}
+
+#[tokio::test]
+async fn an_outage_fills_the_queue_without_dead_letters_and_everything_is_delivered_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let dest = Faulty::new("main");
+    dest.down.store(true, Ordering::SeqCst);
+    let fast = EngineConfig {
+        capacity: 50,
+        max_attempts: 2,
+        backoff_initial: Duration::from_millis(2),
+        backoff_max: Duration::from_millis(20),
+        ..cfg()
+    };
+    let engine = Engine::start(wal(dir.path()), vec![dest.clone()], fast).unwrap();
+    let mut receipts = Vec::new();
+    let mut n = 0;
+    loop {
+        match engine.ingest(vec![entry(n)], true).await {
+            Ok(r) => receipts.push(r),
+            Err(IngestError::Full { .. }) => break,
+            Err(e) => panic!("{e}"),
+        }
+        n += 1;
+        assert!(n <= 50, "capacity not enforced");
+    }
+    assert_eq!(receipts.len(), 50);
+    // Plenty of write attempts and probes happen during the outage...
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while dest.attempts.lock().unwrap().len() < 2 {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // ...but an outage burns no attempts: no dead letters although max_attempts = 2.
+    assert!(engine.dead_letters(None, 100).is_empty());
+    assert!(!engine.lanes()[0].up);
+    dest.down.store(false, Ordering::SeqCst);
+    for r in receipts {
+        assert_eq!(r.outcomes().await, vec![Outcome::Delivered]);
+    }
+    assert_eq!(dest.row_count(), 50);
+    assert!(engine.lanes()[0].up);
+    engine.ingest(vec![entry(999)], false).await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn drain_runs_once_for_concurrent_callers_and_honours_its_deadline_during_backoff() {
+    let dir = tempfile::tempdir().unwrap();
+    let dest = Faulty::new("main");
+    dest.fail_always.store(true, Ordering::SeqCst);
+    let slow = EngineConfig {
+        max_attempts: 100,
+        backoff_initial: Duration::from_secs(30),
+        backoff_max: Duration::from_secs(30),
+        ..cfg()
+    };
+    let engine = Engine::start(wal(dir.path()), vec![dest.clone()], slow).unwrap();
+    let r = engine
+        .ingest((0..5).map(entry).collect(), true)
+        .await
+        .unwrap();
+    let (a, b) = tokio::join!(
+        engine.shutdown(Duration::from_millis(200)),
+        engine.shutdown(Duration::from_millis(200))
+    );
+    assert_eq!(a, b);
+    assert!(a.deadline_passed);
+    assert_eq!(a.left_pending, 5);
+    assert_eq!(
+        r.outcomes().await,
+        vec![Outcome::Pending; 5],
+        "receipts settle at shutdown"
+    );
+    assert!(matches!(
+        engine.ingest(vec![entry(9)], false).await,
+        Err(IngestError::Closed)
+    ));
+    assert_eq!(
+        engine.shutdown(Duration::ZERO).await,
+        a,
+        "a third call gets the same report"
+    );
+    // What was not delivered is still pending for the next start.
+    drop(engine);
+    let w = wal(dir.path());
+    assert_eq!(w.status().pending, 5);
+}
+
+#[tokio::test]
+async fn a_wal_backlog_larger_than_the_queue_is_fed_without_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let w = wal(dir.path());
+        for n in 0..300 {
+            w.append(&[entry(n)]).await.unwrap();
+        }
+        w.close();
+    }
+    let dest = Faulty::new("main");
+    let engine = Engine::start(
+        wal(dir.path()),
+        vec![dest.clone()],
+        EngineConfig {
+            capacity: 7,
+            ..cfg()
+        },
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while dest.row_count() < 300 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "backlog stuck at {}",
+            dest.row_count()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    while engine.wal().status().pending > 0 {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // New ingests still work alongside.
+    let r = engine.ingest(vec![entry(1000)], true).await.unwrap();
+    assert_eq!(r.outcomes().await, vec![Outcome::Delivered]);
+    assert_eq!(
+        engine.shutdown(Duration::from_secs(5)).await.left_pending,
+        0
+    );
+}
+
+#[tokio::test]
+async fn an_unknown_destination_is_refused_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::start(
+        wal(dir.path()),
+        vec![Faulty::new("main") as Arc<dyn Destination>],
+        cfg(),
+    )
+    .unwrap();
+    let mut e = entry(1);
+    e.destination = "nope".into();
+    assert!(matches!(
+        engine.ingest(vec![entry(0), e], false).await,
+        Err(IngestError::UnknownDestination(_))
+    ));
+    assert_eq!(engine.wal().status().visible_lsn, 0);
+}
