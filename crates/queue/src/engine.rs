@@ -1,6 +1,7 @@
 //! The engine: accept path, workers, feeders, drain.
 
 use crate::backoff;
+use crate::keys::{Claim, KeyIndex};
 use crate::lane::Lane;
 use crate::{Accepted, EngineConfig, EngineObserver, IngestError, NoObserver, Outcome, Receipt};
 use spool_destination::{Destination, DestinationError};
@@ -15,6 +16,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
+/// How one entry of an ingest call is answered.
+enum Plan {
+    /// Written: index into the call's written entries.
+    Write(usize),
+    /// Answered from its idempotency key.
+    Replay(Accepted),
+    /// A repeat of an earlier entry (index) of the same call.
+    SameAs(usize),
+}
+
 /// The delivery engine. Cheap to clone.
 #[derive(Clone)]
 pub struct Engine {
@@ -28,7 +39,9 @@ struct Inner {
     observer: Arc<dyn EngineObserver>,
     closed: AtomicBool,
     ingests: TaskTracker,
-    waiters: Mutex<HashMap<u64, oneshot::Sender<Outcome>>>,
+    /// Receipt senders by LSN (several when idempotent replays wait on one entry).
+    waiters: Mutex<HashMap<u64, Vec<oneshot::Sender<Outcome>>>>,
+    keys: KeyIndex,
     workers: Mutex<Vec<JoinHandle<()>>>,
     feeders: Mutex<Vec<JoinHandle<()>>>,
     /// Cancelled when the drain deadline passes: workers stop mid-retry.
@@ -62,12 +75,15 @@ pub struct ShutdownReport {
 }
 
 impl Engine {
-    /// Start workers and feeders for each destination. Must run inside a tokio runtime.
+    /// Start workers and feeders for each destination. Must run inside a tokio
+    /// runtime. Opens the idempotency-key index and catches it up with the WAL
+    /// (reading the WAL when the index is new or in memory); fails only if the
+    /// index cannot be opened or rebuilt.
     pub fn start(
         wal: Wal,
         destinations: Vec<Arc<dyn Destination>>,
         cfg: EngineConfig,
-    ) -> Result<Engine, IngestError> {
+    ) -> std::io::Result<Engine> {
         Self::start_with_observer(wal, destinations, cfg, Arc::new(NoObserver))
     }
 
@@ -77,7 +93,8 @@ impl Engine {
         destinations: Vec<Arc<dyn Destination>>,
         cfg: EngineConfig,
         observer: Arc<dyn EngineObserver>,
-    ) -> Result<Engine, IngestError> {
+    ) -> std::io::Result<Engine> {
+        let keys = KeyIndex::open(cfg.key_index.as_deref(), cfg.idempotency_window, &wal)?;
         let mut lanes = HashMap::new();
         for d in destinations {
             let lane = Arc::new(Lane::new(d, cfg.capacity.max(1)));
@@ -92,6 +109,7 @@ impl Engine {
             closed: AtomicBool::new(false),
             ingests: TaskTracker::new(),
             waiters: Mutex::new(HashMap::new()),
+            keys,
             workers: Mutex::new(Vec::new()),
             feeders: Mutex::new(Vec::new()),
             stop: CancellationToken::new(),
@@ -114,6 +132,8 @@ impl Engine {
                 .unwrap()
                 .push(tokio::spawn(i.feeder(l, boundary)));
         }
+        let upkeep = tokio::spawn(inner.clone().key_upkeep());
+        inner.feeders.lock().unwrap().push(upkeep);
         let orphans = inner.wal.status().pending
             - inner
                 .lanes
@@ -233,59 +253,79 @@ impl Inner {
         if self.closed.load(Ordering::SeqCst) {
             return Err(IngestError::Closed);
         }
-        let mut need: Vec<(&Arc<Lane>, usize)> = Vec::new();
-        for e in &entries {
-            let lane = self
-                .lanes
-                .get(&e.destination)
-                .ok_or_else(|| IngestError::UnknownDestination(e.destination.clone()))?;
-            match need.iter_mut().find(|(l, _)| Arc::ptr_eq(l, lane)) {
-                Some((_, n)) => *n += 1,
-                None => need.push((lane, 1)),
+        if let Some(e) = entries
+            .iter()
+            .find(|e| !self.lanes.contains_key(&e.destination))
+        {
+            return Err(IngestError::UnknownDestination(e.destination.clone()));
+        }
+        let claims = self.claim_keys(&entries).await;
+        // Split: what is written, and how each entry of the call is answered.
+        let mut write = Vec::new();
+        let mut owned: Vec<(Vec<u8>, usize)> = Vec::new();
+        let mut plan = Vec::with_capacity(entries.len());
+        for (e, c) in entries.into_iter().zip(claims) {
+            match c {
+                Claim::Unkeyed | Claim::Own(_) => {
+                    if let Claim::Own(k) = c {
+                        owned.push((k, write.len()));
+                    }
+                    plan.push(Plan::Write(write.len()));
+                    write.push(e);
+                }
+                Claim::Replay(a) => plan.push(Plan::Replay(a)),
+                Claim::SameCall(i) => plan.push(Plan::SameAs(i)),
+                Claim::Wait(_) => unreachable!("claim_keys returns no pending claim"),
             }
         }
-        for (i, (lane, n)) in need.iter().enumerate() {
-            if !lane.try_reserve(*n) {
-                for (l, m) in &need[..i] {
-                    l.unreserve(*m);
-                }
-                for e in &entries {
-                    self.observer.shed(&e.source, 1);
-                }
-                return Err(IngestError::Full {
-                    destination: lane.name.clone(),
-                    retry_after: lane.retry_after(),
-                });
-            }
-        }
-        let lsns = match self.wal.append(&entries).await {
+        // Keyed calls hold the index's recording lock from append to settle, so
+        // its persisted mark never covers an entry whose key is not indexed.
+        let recording = if owned.is_empty() {
+            None
+        } else {
+            Some(self.keys.recording().await)
+        };
+        let lsns = match self.append(&write).await {
             Ok(l) => l,
             Err(e) => {
-                for (l, m) in &need {
-                    l.unreserve(*m);
-                }
-                return Err(e.into());
+                self.keys
+                    .settle(owned.into_iter().map(|(k, _)| (k, None)).collect());
+                return Err(e);
             }
         };
-        let mut waiters = Vec::new();
-        if track {
-            let mut w = self.waiters.lock().unwrap();
-            for l in &lsns {
-                let (tx, rx) = oneshot::channel();
-                w.insert(*l, tx);
-                waiters.push(rx);
-            }
+        self.keys.settle(
+            owned
+                .into_iter()
+                .map(|(k, j)| (k, Some((write[j].id, lsns[j], write[j].accepted_at_us))))
+                .collect(),
+        );
+        drop(recording);
+        let mut accepted: Vec<Accepted> = Vec::with_capacity(plan.len());
+        for p in &plan {
+            let a = match p {
+                Plan::Write(j) => Accepted {
+                    id: write[*j].id,
+                    lsn: lsns[*j],
+                    replayed: false,
+                },
+                Plan::Replay(a) => a.clone(),
+                Plan::SameAs(i) => Accepted {
+                    replayed: true,
+                    ..accepted[*i].clone()
+                },
+            };
+            accepted.push(a);
         }
-        let accepted: Vec<Accepted> = entries
-            .iter()
-            .zip(&lsns)
-            .map(|(e, l)| Accepted { id: e.id, lsn: *l })
-            .collect();
-        for e in &entries {
+        let waiters = if track {
+            self.watch(&accepted)
+        } else {
+            Vec::new()
+        };
+        for e in &write {
             self.observer.accepted(&e.source, 1);
         }
         let mut by_lane: HashMap<&str, Vec<LoggedEntry>> = HashMap::new();
-        for (entry, lsn) in entries.into_iter().zip(lsns) {
+        for (entry, lsn) in write.into_iter().zip(lsns) {
             let name = self.lanes[&entry.destination].name.as_str();
             by_lane
                 .entry(name)
@@ -298,10 +338,107 @@ impl Inner {
         Ok(Receipt { accepted, waiters })
     }
 
+    /// Claim the idempotency keys of a call, waiting out concurrent calls that
+    /// are writing the same keys.
+    async fn claim_keys(&self, entries: &[Entry]) -> Vec<Claim> {
+        loop {
+            let claims = self.keys.claim(entries);
+            let waits: Vec<_> = claims
+                .iter()
+                .filter_map(|c| match c {
+                    Claim::Wait(rx) => Some(rx.clone()),
+                    _ => None,
+                })
+                .collect();
+            if waits.is_empty() {
+                return claims;
+            }
+            // Give back what this call claimed (two calls each holding a key the
+            // other wants must not wait for each other), wait, then look again.
+            let mine = claims
+                .into_iter()
+                .filter_map(|c| match c {
+                    Claim::Own(k) => Some((k, None)),
+                    _ => None,
+                })
+                .collect();
+            self.keys.settle(mine);
+            for mut rx in waits {
+                let _ = rx.wait_for(|settled| *settled).await;
+            }
+        }
+    }
+
+    /// Reserve capacity for `write` (all or nothing), then append it to the WAL.
+    /// Nothing is written when capacity is short; a failed append gives it back.
+    async fn append(&self, write: &[Entry]) -> Result<Vec<u64>, IngestError> {
+        if write.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut need: Vec<(&Arc<Lane>, usize)> = Vec::new();
+        for e in write {
+            let lane = &self.lanes[&e.destination];
+            match need.iter_mut().find(|(l, _)| Arc::ptr_eq(l, lane)) {
+                Some((_, n)) => *n += 1,
+                None => need.push((lane, 1)),
+            }
+        }
+        for (i, (lane, n)) in need.iter().enumerate() {
+            if !lane.try_reserve(*n) {
+                for (l, m) in &need[..i] {
+                    l.unreserve(*m);
+                }
+                for e in write {
+                    self.observer.shed(&e.source, 1);
+                }
+                return Err(IngestError::Full {
+                    destination: lane.name.clone(),
+                    retry_after: lane.retry_after(),
+                });
+            }
+        }
+        self.wal.append(write).await.map_err(|e| {
+            for (l, m) in &need {
+                l.unreserve(*m);
+            }
+            IngestError::from(e)
+        })
+    }
+
+    /// Receipt handles for `accepted`: entries in flight settle later; replays
+    /// of entries already terminal settle now.
+    fn watch(&self, accepted: &[Accepted]) -> Vec<oneshot::Receiver<Outcome>> {
+        let mut w = self.waiters.lock().unwrap();
+        accepted
+            .iter()
+            .map(|a| {
+                let (tx, rx) = oneshot::channel();
+                // Under the waiters lock: workers record an outcome in the WAL
+                // before they settle, so "pending" here means it settles later.
+                let now = if a.replayed {
+                    match self.wal.status_of(a.lsn) {
+                        Some(Tracked::Pending) => None,
+                        Some(Tracked::Dead { reason, .. }) => Some(Outcome::Failed { reason }),
+                        None => Some(Outcome::Delivered),
+                    }
+                } else {
+                    None
+                };
+                match now {
+                    Some(o) => {
+                        let _ = tx.send(o);
+                    }
+                    None => w.entry(a.lsn).or_default().push(tx),
+                }
+                rx
+            })
+            .collect()
+    }
+
     fn settle(&self, lsns: impl IntoIterator<Item = u64>, outcome: &Outcome) {
         let mut w = self.waiters.lock().unwrap();
         for l in lsns {
-            if let Some(tx) = w.remove(&l) {
+            for tx in w.remove(&l).into_iter().flatten() {
                 let _ = tx.send(outcome.clone());
             }
         }
@@ -532,6 +669,26 @@ impl Inner {
         }
     }
 
+    /// Persist the key index's mark every few seconds and prune expired keys
+    /// every ten minutes, until feeding stops.
+    async fn key_upkeep(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        for n in 0u64.. {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.stop_feeding.cancelled() => return,
+            }
+            self.keys.mark(&self.wal).await;
+            if n % 120 == 0 {
+                let pruned = self.keys.prune();
+                if pruned > 0 {
+                    tracing::info!(keys = pruned, "expired idempotency keys pruned");
+                }
+            }
+        }
+    }
+
     async fn drain(self: Arc<Self>, timeout: Duration) -> ShutdownReport {
         let deadline = tokio::time::Instant::now() + timeout;
         self.closed.store(true, Ordering::SeqCst);
@@ -569,11 +726,11 @@ impl Inner {
             report.left_pending += lane.abandon();
         }
         // Receipts of entries still in flight settle as "not confirmed".
-        let rest: Vec<(u64, oneshot::Sender<Outcome>)> =
-            self.waiters.lock().unwrap().drain().collect();
-        for (_, tx) in rest {
+        let rest: Vec<_> = self.waiters.lock().unwrap().drain().collect();
+        for tx in rest.into_iter().flat_map(|(_, v)| v) {
             let _ = tx.send(Outcome::Pending);
         }
+        self.keys.mark(&self.wal).await;
         report.left_pending = report.left_pending.max(self.wal.status().pending as usize);
         if let Err(e) = self.wal.sync().await {
             tracing::error!(error = %e, "final WAL sync failed");

@@ -47,6 +47,7 @@
 
 mod backoff;
 mod engine;
+mod keys;
 mod lane;
 
 pub use backoff::{delay as backoff_delay, jittered};
@@ -73,6 +74,11 @@ pub struct EngineConfig {
     pub backoff_initial: Duration,
     /// Largest retry delay ceiling.
     pub backoff_max: Duration,
+    /// How long an idempotency key is remembered (per source).
+    pub idempotency_window: Duration,
+    /// Directory of the idempotency-key index (sled). `None` keeps it in memory
+    /// and rebuilds it from the WAL at every start.
+    pub key_index: Option<std::path::PathBuf>,
 }
 
 impl Default for EngineConfig {
@@ -85,6 +91,8 @@ impl Default for EngineConfig {
             max_attempts: 10,
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(60),
+            idempotency_window: Duration::from_secs(24 * 3600),
+            key_index: None,
         }
     }
 }
@@ -96,6 +104,9 @@ pub struct Accepted {
     pub id: Uuid,
     /// LSN of its WAL record.
     pub lsn: u64,
+    /// True when its idempotency key was accepted before: `id`/`lsn` are the
+    /// original's and nothing new was written.
+    pub replayed: bool,
 }
 
 /// How an entry ended, as a receipt reports it.
@@ -176,6 +187,11 @@ pub struct Receipt {
 }
 
 impl Receipt {
+    /// Whether any entry was answered from its idempotency key (nothing new written for it).
+    pub fn any_replayed(&self) -> bool {
+        self.accepted.iter().any(|a| a.replayed)
+    }
+
     /// Wait, without a deadline, until every entry settles (delivered, failed, or
     /// pending at shutdown — shutdown settles every receipt, so this never hangs
     /// past it).
