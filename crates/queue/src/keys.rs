@@ -39,6 +39,9 @@ pub(crate) enum Claim {
     Wait(watch::Receiver<bool>),
 }
 
+/// What the index remembers of a written entry: id, LSN, accepted-at (µs).
+pub(crate) type Written = (Uuid, u64, i64);
+
 pub(crate) struct KeyIndex {
     db: sled::Db,
     window_us: i64,
@@ -182,9 +185,9 @@ impl KeyIndex {
         out
     }
 
-    /// Record the keys this call owned — `(index key, Some((id, lsn, accepted_at)))`
-    /// for a written entry, `None` when nothing was written — and release the claims.
-    pub fn settle(&self, owned: Vec<(Vec<u8>, Option<(Uuid, u64, i64)>)>) {
+    /// Record the keys this call owned — `(index key, Some(written))` for a written
+    /// entry, `None` when nothing was written — and release the claims.
+    pub fn settle(&self, owned: Vec<(Vec<u8>, Option<Written>)>) {
         let mut batch = sled::Batch::default();
         let mut any = false;
         for (k, v) in &owned {
