@@ -20,6 +20,7 @@ fn cfg() -> EngineConfig {
         max_attempts: 5,
         backoff_initial: Duration::from_millis(100),
         backoff_max: Duration::from_secs(2),
+        ..EngineConfig::default()
     }
 }
 
