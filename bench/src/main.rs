@@ -84,6 +84,33 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         concurrency: usize,
     },
+    /// The in-process engine, sustained: ingest → WAL → queue → destination.
+    Engine {
+        /// Directory for the WAL (and the SQLite file).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Concurrent producer tasks.
+        #[arg(long, default_value_t = 64)]
+        producers: usize,
+        /// Seconds of load.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// `sqlite` or `postgres` (a throwaway local server, fsync on).
+        #[arg(long, default_value = "sqlite")]
+        destination: String,
+        /// Entries per ingest call.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Payload bytes per entry.
+        #[arg(long, default_value_t = 256)]
+        record_bytes: usize,
+        /// WAL sync mode.
+        #[arg(long, default_value = "always")]
+        sync: String,
+        /// Worker tasks of the destination.
+        #[arg(long, default_value_t = 4)]
+        workers: usize,
+    },
 }
 
 fn main() -> Result<()> {
@@ -154,6 +181,35 @@ fn main() -> Result<()> {
                 record_bytes,
                 concurrency,
             ))?;
+            println!("{r}");
+            Ok(())
+        }
+        Cmd::Engine {
+            dir,
+            producers,
+            seconds,
+            destination,
+            batch,
+            record_bytes,
+            sync,
+            workers,
+        } => {
+            if producers == 0 || batch == 0 || workers == 0 || seconds <= 0.0 {
+                bail!("--producers, --batch, --workers and --seconds must be positive");
+            }
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            let spec = EngineBench {
+                producers,
+                seconds: Duration::from_secs_f64(seconds),
+                batch,
+                record_bytes,
+                sync: sync.parse().context("--sync")?,
+                workers,
+            };
+            let r = rt.block_on(engine_bench(&dir, &destination, spec))?;
             println!("{r}");
             Ok(())
         }
@@ -345,6 +401,155 @@ fn wal_recovery(
     }))
 }
 
+/// Destination for a bench: SQLite at `sqlite_path`, or Postgres at `url` (or a
+/// throwaway durable local server, returned to keep it alive).
+async fn bench_destination(
+    kind: &str,
+    url: Option<String>,
+    sqlite_path: &Path,
+    pool: u32,
+) -> Result<(
+    Arc<dyn spool_destination::Destination>,
+    Option<spool_testkit::PgServer>,
+)> {
+    use spool_destination::{PostgresDestination, SqliteDestination};
+    Ok(match kind {
+        "sqlite" => (
+            Arc::new(SqliteDestination::open("bench", sqlite_path, None).await?),
+            None,
+        ),
+        "postgres" => {
+            let (url, server) = match url {
+                Some(u) => (u, None),
+                None => {
+                    let s = spool_testkit::PgServer::start_with(true);
+                    (s.url().to_owned(), Some(s))
+                }
+            };
+            (
+                Arc::new(PostgresDestination::open("bench", &url, Some(pool)).await?),
+                server,
+            )
+        }
+        other => bail!("--destination must be sqlite or postgres, got {other:?}"),
+    })
+}
+
+struct EngineBench {
+    producers: usize,
+    seconds: Duration,
+    batch: usize,
+    record_bytes: usize,
+    sync: spool_wal::SyncMode,
+    workers: usize,
+}
+
+/// Delivered entries and their accept→delivered latencies (µs).
+#[derive(Default)]
+struct Deliveries {
+    count: AtomicU64,
+    latencies_us: std::sync::Mutex<Vec<u32>>,
+}
+
+impl spool_queue::EngineObserver for Deliveries {
+    fn delivered(&self, _: &str, accepted_at_us: &[i64]) {
+        let now = spool_wal::now_us();
+        self.count
+            .fetch_add(accepted_at_us.len() as u64, Ordering::Relaxed);
+        let mut l = self.latencies_us.lock().unwrap();
+        l.extend(
+            accepted_at_us
+                .iter()
+                .map(|a| (now - a).clamp(0, u32::MAX as i64) as u32),
+        );
+    }
+}
+
+async fn engine_bench(base: &Path, kind: &str, b: EngineBench) -> Result<serde_json::Value> {
+    use spool_queue::{Engine, EngineConfig, IngestError};
+    let dir = fresh_dir(base, "engine")?;
+    let (dest, _server) =
+        bench_destination(kind, None, &dir.join("bench.db"), b.workers as u32 + 1).await?;
+    let wal = Wal::open(
+        dir.join("wal"),
+        WalConfig {
+            sync: b.sync,
+            ..WalConfig::default()
+        },
+    )?;
+    let seen = Arc::new(Deliveries::default());
+    let cfg = EngineConfig {
+        workers: b.workers,
+        ..EngineConfig::default()
+    };
+    let engine = Engine::start_with_observer(wal, vec![dest], cfg, seen.clone())?;
+    let payload = payload(b.record_bytes);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (accepted, shed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut tasks = Vec::new();
+    for _ in 0..b.producers {
+        let (engine, stop, payload) = (engine.clone(), stop.clone(), payload.clone());
+        let (accepted, shed) = (accepted.clone(), shed.clone());
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let entries = (0..b.batch)
+                    .map(|_| Entry::new("bench", "bench", payload.clone()))
+                    .collect();
+                match engine.ingest(entries, false).await {
+                    Ok(_) => accepted.fetch_add(b.batch as u64, Ordering::Relaxed),
+                    Err(IngestError::Full { .. }) => {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                        shed.fetch_add(b.batch as u64, Ordering::Relaxed)
+                    }
+                    Err(e) => return Err(anyhow::Error::from(e)),
+                };
+            }
+            Ok(())
+        }));
+    }
+    let start = Instant::now();
+    let mut max_depth = 0;
+    let mut depth_samples = Vec::new();
+    while start.elapsed() < b.seconds {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let d = engine.lanes()[0].in_flight;
+        max_depth = max_depth.max(d);
+        depth_samples.push(d);
+    }
+    let delivered_in_window = seen.count.load(Ordering::Relaxed);
+    let elapsed = start.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await??;
+    }
+    let accepted = accepted.load(Ordering::Relaxed);
+    engine.shutdown(Duration::from_secs(60)).await;
+    let mut lat = std::mem::take(&mut *seen.latencies_us.lock().unwrap());
+    lat.sort_unstable();
+    // Flat queue: the depth in the last quarter is not above the first quarter's peak.
+    let q = depth_samples.len() / 4;
+    let early = depth_samples[..q.max(1)].iter().max().copied().unwrap_or(0);
+    let late = depth_samples[depth_samples.len() - q.max(1)..]
+        .iter()
+        .max()
+        .copied()
+        .unwrap_or(0);
+    Ok(json!({
+        "bench": "engine",
+        "destination": kind,
+        "producers": b.producers,
+        "batch": b.batch,
+        "sync": format!("{:?}", b.sync),
+        "accepted_per_sec": (accepted as f64 / elapsed).round(),
+        "delivered_per_sec": (delivered_in_window as f64 / elapsed).round(),
+        "shed": shed.load(Ordering::Relaxed),
+        "max_queue_depth": max_depth,
+        "queue_depth_early_late": [early, late],
+        "p50_delivery_ms": round2(percentile(&lat, 0.5) as f64 / 1000.0),
+        "p99_delivery_ms": round2(percentile(&lat, 0.99) as f64 / 1000.0),
+    }))
+}
+
 async fn sink(
     kind: &str,
     url: Option<String>,
@@ -354,28 +559,9 @@ async fn sink(
     record_bytes: usize,
     concurrency: usize,
 ) -> Result<serde_json::Value> {
-    use spool_destination::{Destination, PostgresDestination, SqliteDestination};
     let tmp = tempfile::tempdir()?;
-    let mut _server = None;
-    let dest: Arc<dyn Destination> = match kind {
-        "sqlite" => {
-            let p = path.unwrap_or_else(|| tmp.path().join("sink.db"));
-            Arc::new(SqliteDestination::open("bench", &p, None).await?)
-        }
-        "postgres" => {
-            let url = match url {
-                Some(u) => u,
-                None => {
-                    let s = spool_testkit::PgServer::start_with(true);
-                    let u = s.url().to_owned();
-                    _server = Some(s);
-                    u
-                }
-            };
-            Arc::new(PostgresDestination::open("bench", &url, Some(concurrency as u32 + 1)).await?)
-        }
-        other => bail!("--destination must be sqlite or postgres, got {other:?}"),
-    };
+    let path = path.unwrap_or_else(|| tmp.path().join("sink.db"));
+    let (dest, _server) = bench_destination(kind, url, &path, concurrency as u32 + 1).await?;
     let payload = payload(record_bytes);
     let batches: Vec<Vec<spool_wal::LoggedEntry>> = (0..rows)
         .map(|i| spool_wal::LoggedEntry {
