@@ -1,0 +1,552 @@
+//! `spool.toml`: every key of SPEC "Configuration" with its default. Unknown keys
+//! are errors naming the key; `env:NAME` string values read the environment;
+//! durations are `"250ms"`/`"30s"`, sizes `"64MiB"` (or a number of bytes).
+
+use serde::{Deserialize, Deserializer};
+use spool_destination::{DestinationConfig, Kind};
+use spool_wal::{OnCorruption, SyncMode};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// A configuration error: exit code 2, with a message naming the key.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub wal: WalSection,
+    pub queue: QueueSection,
+    pub limits: Limits,
+    pub idempotency: Idempotency,
+    #[serde(rename = "destination")]
+    pub destinations: Vec<DestinationConfig>,
+    #[serde(rename = "source")]
+    pub sources: Vec<SourceConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub admin_token: Option<String>,
+    #[serde(deserialize_with = "size")]
+    pub max_body_bytes: u64,
+    #[serde(deserialize_with = "duration")]
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WalSection {
+    pub dir: PathBuf,
+    #[serde(deserialize_with = "size")]
+    pub segment_bytes: u64,
+    pub sync: String,
+    #[serde(deserialize_with = "duration")]
+    pub retention: Duration,
+    #[serde(deserialize_with = "opt_size")]
+    pub max_bytes: Option<u64>,
+    #[serde(deserialize_with = "size")]
+    pub min_free_bytes: u64,
+    pub on_corruption: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueSection {
+    pub capacity: usize,
+    pub workers: usize,
+    pub batch_max: usize,
+    #[serde(deserialize_with = "duration")]
+    pub batch_linger: Duration,
+    pub max_attempts: u32,
+    #[serde(deserialize_with = "duration")]
+    pub backoff_initial: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub backoff_max: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    #[serde(deserialize_with = "size")]
+    pub max_entry_bytes: u64,
+    pub max_entries_per_request: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Idempotency {
+    #[serde(deserialize_with = "duration")]
+    pub window: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    pub name: String,
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Defaults to the first destination.
+    #[serde(default)]
+    pub destination: Option<String>,
+    /// Entries per second (sustained; bursts up to one second's worth).
+    #[serde(default)]
+    pub rate_limit: Option<f64>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:7070".parse().expect("valid address"),
+            admin_token: None,
+            max_body_bytes: 10 << 20,
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Default for WalSection {
+    fn default() -> Self {
+        WalSection {
+            dir: PathBuf::from("./spool-data/wal"),
+            segment_bytes: 64 << 20,
+            sync: "always".into(),
+            retention: Duration::from_secs(24 * 3600),
+            max_bytes: None,
+            min_free_bytes: 256 << 20,
+            on_corruption: "stop".into(),
+        }
+    }
+}
+
+impl Default for QueueSection {
+    fn default() -> Self {
+        let d = spool_queue::EngineConfig::default();
+        QueueSection {
+            capacity: d.capacity,
+            workers: d.workers,
+            batch_max: d.batch_max,
+            batch_linger: d.batch_linger,
+            max_attempts: d.max_attempts,
+            backoff_initial: d.backoff_initial,
+            backoff_max: d.backoff_max,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_entry_bytes: 1 << 20,
+            max_entries_per_request: 10_000,
+        }
+    }
+}
+
+impl Default for Idempotency {
+    fn default() -> Self {
+        Idempotency {
+            window: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server: ServerConfig::default(),
+            wal: WalSection::default(),
+            queue: QueueSection::default(),
+            limits: Limits::default(),
+            idempotency: Idempotency::default(),
+            destinations: Vec::new(),
+            sources: Vec::new(),
+        }
+        .completed()
+    }
+}
+
+/// Parse a size: a number of bytes, or a string like `"64MiB"`, `"10 MB"`, `"512KiB"`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (like \"64MiB\")"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        "t" | "tb" => 1_000_000_000_000,
+        "tib" => 1 << 40,
+        u => {
+            return Err(format!(
+                "unknown size unit {u:?} in {s:?} (use B, KiB, MiB, GiB, KB, MB, GB)"
+            ))
+        }
+    };
+    let v = n * mult as f64;
+    if !v.is_finite() || v < 0.0 || v > u64::MAX as f64 {
+        return Err(format!("{s:?} is out of range"));
+    }
+    Ok(v as u64)
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SizeValue {
+    Int(u64),
+    Str(String),
+}
+
+fn size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    match SizeValue::deserialize(d)? {
+        SizeValue::Int(n) => Ok(n),
+        SizeValue::Str(s) => parse_size(&s).map_err(serde::de::Error::custom),
+    }
+}
+
+fn opt_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    size(d).map(Some)
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "{s:?} is not a duration (like \"250ms\", \"30s\"): {e}"
+        ))
+    })
+}
+
+/// Replace every `env:NAME` string by the variable's value, naming the key when unset.
+fn resolve_env(v: &mut toml::Value, path: &str) -> Result<(), ConfigError> {
+    match v {
+        toml::Value::String(s) => {
+            if let Some(var) = s.strip_prefix("env:") {
+                *s = std::env::var(var).map_err(|_| {
+                    ConfigError(format!("{path}: environment variable {var} is not set"))
+                })?;
+            }
+        }
+        toml::Value::Table(t) => {
+            for (k, v) in t.iter_mut() {
+                let p = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                resolve_env(v, &p)?;
+            }
+        }
+        toml::Value::Array(a) => {
+            for (i, v) in a.iter_mut().enumerate() {
+                resolve_env(v, &format!("{path}[{i}]"))?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+impl Config {
+    /// Read and check a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("cannot read config {}: {e}", path.display())))?;
+        Self::parse(&text).map_err(|e| ConfigError(format!("{}: {}", path.display(), e.0)))
+    }
+
+    /// Parse and check config text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let mut v: toml::Value =
+            toml::from_str(text).map_err(|e| ConfigError(e.to_string().trim().to_owned()))?;
+        resolve_env(&mut v, "")?;
+        // Via text again so errors carry the key's position and name.
+        let text = toml::to_string(&v).map_err(|e| ConfigError(e.to_string()))?;
+        let cfg: Config =
+            toml::from_str(&text).map_err(|e| ConfigError(e.to_string().trim().to_owned()))?;
+        let cfg = cfg.completed();
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    /// Fill what defaults to other values: the embedded SQLite destination and the
+    /// tokenless `default` source.
+    fn completed(mut self) -> Config {
+        if self.destinations.is_empty() {
+            let data = self
+                .wal
+                .dir
+                .parent()
+                .map(Path::to_owned)
+                .unwrap_or_default();
+            self.destinations.push(DestinationConfig {
+                name: "default".into(),
+                kind: Kind::Sqlite,
+                path: Some(data.join("spool.db").to_string_lossy().into_owned()),
+                url: None,
+                pool_size: None,
+            });
+        }
+        if self.sources.is_empty() {
+            self.sources.push(SourceConfig {
+                name: "default".into(),
+                token: None,
+                destination: None,
+                rate_limit: None,
+            });
+        }
+        let first = self.destinations[0].name.clone();
+        for s in &mut self.sources {
+            s.destination.get_or_insert_with(|| first.clone());
+        }
+        self
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError(m));
+        self.sync_mode()?;
+        self.on_corruption()?;
+        if self.queue.capacity == 0 {
+            return bad("queue.capacity must be at least 1".into());
+        }
+        if self.queue.workers == 0 {
+            return bad("queue.workers must be at least 1".into());
+        }
+        if self.queue.batch_max == 0 {
+            return bad("queue.batch_max must be at least 1".into());
+        }
+        if self.queue.max_attempts == 0 {
+            return bad("queue.max_attempts must be at least 1".into());
+        }
+        if self.queue.backoff_initial > self.queue.backoff_max {
+            return bad("queue.backoff_initial must not exceed queue.backoff_max".into());
+        }
+        if self.wal.segment_bytes < 4096 {
+            return bad("wal.segment_bytes must be at least 4KiB".into());
+        }
+        if self.limits.max_entry_bytes == 0 || self.limits.max_entries_per_request == 0 {
+            return bad(
+                "limits.max_entry_bytes and limits.max_entries_per_request must be above zero"
+                    .into(),
+            );
+        }
+        if self.server.max_body_bytes == 0 {
+            return bad("server.max_body_bytes must be above zero".into());
+        }
+        let mut names = std::collections::HashSet::new();
+        for d in &self.destinations {
+            if !names.insert(&d.name) {
+                return bad(format!("destination {:?} is defined twice", d.name));
+            }
+            let (key, v) = match d.kind {
+                Kind::Sqlite => ("path", &d.path),
+                Kind::Postgres => ("url", &d.url),
+            };
+            if v.as_deref().is_none_or(str::is_empty) {
+                return bad(format!(
+                    "destination {:?} (kind {:?}) needs `{key}`",
+                    d.name, d.kind
+                ));
+            }
+        }
+        let mut snames = std::collections::HashSet::new();
+        for s in &self.sources {
+            if !valid_name(&s.name) {
+                return bad(format!(
+                    "source.name {:?}: use 1-64 characters of a-z, A-Z, 0-9, '-', '_', '.'",
+                    s.name
+                ));
+            }
+            if !snames.insert(&s.name) {
+                return bad(format!("source {:?} is defined twice", s.name));
+            }
+            let d = s.destination.as_deref().unwrap_or_default();
+            if !self.destinations.iter().any(|x| x.name == d) {
+                return bad(format!(
+                    "source {:?}: destination {d:?} is not defined",
+                    s.name
+                ));
+            }
+            if let Some(r) = s.rate_limit {
+                if !(r.is_finite() && r > 0.0) {
+                    return bad(format!(
+                        "source {:?}: rate_limit must be a positive number",
+                        s.name
+                    ));
+                }
+            }
+            if s.token.as_deref() == Some("") {
+                return bad(format!("source {:?}: token must not be empty", s.name));
+            }
+            if s.token.is_none() && !self.server.listen.ip().is_loopback() {
+                return bad(format!(
+                    "source {:?} has no token but server.listen {} is not a loopback address; \
+                     give it a token or listen on 127.0.0.1",
+                    s.name, self.server.listen
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn sync_mode(&self) -> Result<SyncMode, ConfigError> {
+        self.wal
+            .sync
+            .parse()
+            .map_err(|e| ConfigError(format!("wal.sync: {e}")))
+    }
+
+    pub fn on_corruption(&self) -> Result<OnCorruption, ConfigError> {
+        self.wal
+            .on_corruption
+            .parse()
+            .map_err(|e| ConfigError(format!("wal.on_corruption: {e}")))
+    }
+
+    pub fn wal_config(&self) -> Result<spool_wal::WalConfig, ConfigError> {
+        Ok(spool_wal::WalConfig {
+            segment_bytes: self.wal.segment_bytes,
+            sync: self.sync_mode()?,
+            retention: self.wal.retention,
+            max_bytes: self.wal.max_bytes,
+            on_corruption: self.on_corruption()?,
+            max_record_bytes: (self.limits.max_entry_bytes as usize).saturating_add(64 << 10),
+        })
+    }
+
+    pub fn engine_config(&self) -> spool_queue::EngineConfig {
+        let q = &self.queue;
+        spool_queue::EngineConfig {
+            capacity: q.capacity,
+            workers: q.workers,
+            batch_max: q.batch_max,
+            batch_linger: q.batch_linger,
+            max_attempts: q.max_attempts,
+            backoff_initial: q.backoff_initial,
+            backoff_max: q.backoff_max,
+            idempotency_window: self.idempotency.window,
+            key_index: Some(self.wal.dir.join("keys")),
+        }
+    }
+}
+
+/// Source names appear in URLs: a conservative alphabet.
+pub fn valid_name(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && s != "."
+        && s != ".."
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_embedded_setup() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.server.listen.to_string(), "127.0.0.1:7070");
+        assert_eq!(c.server.max_body_bytes, 10 << 20);
+        assert_eq!(c.server.shutdown_timeout, Duration::from_secs(30));
+        assert_eq!(c.wal.dir, PathBuf::from("./spool-data/wal"));
+        assert_eq!(c.wal.segment_bytes, 64 << 20);
+        assert_eq!(c.sync_mode().unwrap(), SyncMode::Always);
+        assert_eq!(c.wal.min_free_bytes, 256 << 20);
+        assert_eq!(c.queue.capacity, 10_000);
+        assert_eq!(c.queue.workers, 4);
+        assert_eq!(c.queue.batch_max, 500);
+        assert_eq!(c.queue.batch_linger, Duration::from_millis(5));
+        assert_eq!(c.queue.max_attempts, 10);
+        assert_eq!(c.limits.max_entry_bytes, 1 << 20);
+        assert_eq!(c.limits.max_entries_per_request, 10_000);
+        assert_eq!(c.idempotency.window, Duration::from_secs(86_400));
+        assert_eq!(
+            c.destinations[0].path.as_deref(),
+            Some("./spool-data/spool.db")
+        );
+        assert_eq!(
+            (c.sources[0].name.as_str(), c.sources[0].token.as_deref()),
+            ("default", None)
+        );
+    }
+
+    #[test]
+    fn values_env_sizes_and_durations() {
+        std::env::set_var("SPOOL_CFG_TEST_TOKEN", "s3cret");
+        let c = Config::parse(
+            r#"
+            [server]
+            listen = "0.0.0.0:9000"
+            max_body_bytes = "2MiB"
+            shutdown_timeout = "250ms"
+            [wal]
+            sync = "interval:10ms"
+            max_bytes = 1000000
+            [[destination]]
+            name = "pg"
+            kind = "postgres"
+            url = "postgres://x@localhost/db"
+            [[source]]
+            name = "agents"
+            token = "env:SPOOL_CFG_TEST_TOKEN"
+            rate_limit = 50
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.server.max_body_bytes, 2 << 20);
+        assert_eq!(c.server.shutdown_timeout, Duration::from_millis(250));
+        assert_eq!(c.wal.max_bytes, Some(1_000_000));
+        assert_eq!(c.sources[0].token.as_deref(), Some("s3cret"));
+        assert_eq!(c.sources[0].destination.as_deref(), Some("pg"));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        for (text, needle) in [
+            ("[server]\nlisten_on = \"x\"", "listen_on"),
+            ("bogus = 1", "bogus"),
+            ("[queue]\ncapacity = \"many\"", "capacity"),
+            ("[wal]\nsync = \"sometimes\"", "wal.sync"),
+            ("[server]\nshutdown_timeout = \"soon\"", "shutdown_timeout"),
+            ("[wal]\nsegment_bytes = \"12 parsecs\"", "segment_bytes"),
+            (
+                "[[source]]\nname = \"a\"\ntoken = \"env:SPOOL_SURELY_UNSET_VAR\"",
+                "source[0].token",
+            ),
+            ("[server]\nlisten = \"0.0.0.0:7070\"", "no token"),
+            ("[[source]]\nname = \"a\"\ndestination = \"nope\"", "nope"),
+            (
+                "[[destination]]\nname = \"x\"\nkind = \"oracle\"\npath = \"p\"",
+                "oracle",
+            ),
+        ] {
+            let e = Config::parse(text).unwrap_err().0;
+            assert!(e.contains(needle), "{text:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("64MiB").unwrap(), 64 << 20);
+        assert_eq!(parse_size("10 MB").unwrap(), 10_000_000);
+        assert_eq!(parse_size("512").unwrap(), 512);
+        assert_eq!(parse_size("1.5KiB").unwrap(), 1536);
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("5 parsecs").is_err());
+    }
+}

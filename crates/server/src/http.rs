@@ -1,0 +1,950 @@
+//! The HTTP API of SPEC "HTTP API (v1)": write, read, operations, admin.
+//!
+//! Invariants:
+//! - A write is all-or-nothing: the whole body is read (bounded), decoded,
+//!   parsed and every entry validated before the engine sees any of it.
+//! - Errors are `{"error","message"}` (+ `retry_after_seconds` and `Retry-After`
+//!   for 429/503). A WAL that cannot write is a 503, never a 500.
+//! - A source's data is only reachable with that source's token; tokens are
+//!   compared in constant time.
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use axum::body::Body;
+use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use serde_json::{json, Value};
+use spool_destination::{DestinationError, Query as DestQuery};
+use spool_queue::{Engine, IngestError, Outcome};
+use spool_wal::{Entry, Tracked};
+use std::collections::HashMap;
+use std::io::Read;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use subtle::ConstantTimeEq;
+use uuid::Uuid;
+
+/// Longest `subject` / `idempotency_key` accepted, bytes.
+const MAX_FIELD_BYTES: usize = 1024;
+
+pub struct App {
+    pub engine: Engine,
+    pub cfg: Config,
+    pub metrics: Arc<Metrics>,
+    sources: HashMap<String, Source>,
+    /// Shutdown began: new requests get 503.
+    pub closing: AtomicBool,
+    /// Free disk under the WAL is below `wal.min_free_bytes`.
+    pub low_disk: AtomicBool,
+    /// The last WAL append failed (cleared by the next success).
+    wal_failing: AtomicBool,
+    started: Instant,
+}
+
+struct Source {
+    token: Option<String>,
+    destination: String,
+    limiter: Option<Mutex<Bucket>>,
+}
+
+/// Token bucket: `rate` entries/s, bursts of one second's worth; a call larger
+/// than the burst may go into debt once the bucket is full.
+struct Bucket {
+    rate: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn take(&mut self, n: usize) -> Result<(), u64> {
+        let now = Instant::now();
+        let cap = self.rate.max(1.0);
+        self.tokens =
+            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(cap);
+        self.last = now;
+        let need = (n as f64).min(cap);
+        if self.tokens >= need {
+            self.tokens -= n as f64;
+            Ok(())
+        } else {
+            Err(((need - self.tokens) / self.rate).ceil().max(1.0) as u64)
+        }
+    }
+}
+
+/// An error answer.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    retry_after: Option<u64>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+    fn retry(mut self, secs: u64) -> ApiError {
+        self.retry_after = Some(secs.max(1));
+        self
+    }
+    fn bad(code: &'static str, message: impl Into<String>) -> ApiError {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+    fn too_large(message: impl Into<String>) -> ApiError {
+        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", message)
+    }
+    fn unavailable(message: impl Into<String>) -> ApiError {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message).retry(5)
+    }
+    fn not_found(message: impl Into<String>) -> ApiError {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({"error": self.code, "message": self.message});
+        if let Some(s) = self.retry_after {
+            body["retry_after_seconds"] = json!(s);
+        }
+        let mut r = (self.status, Json(body)).into_response();
+        if let Some(s) = self.retry_after {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        r
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+impl App {
+    pub fn new(engine: Engine, cfg: Config, metrics: Arc<Metrics>) -> App {
+        let sources = cfg
+            .sources
+            .iter()
+            .map(|s| {
+                let src = Source {
+                    token: s.token.clone(),
+                    destination: s.destination.clone().unwrap_or_default(),
+                    limiter: s.rate_limit.map(|rate| {
+                        Mutex::new(Bucket {
+                            rate,
+                            tokens: rate.max(1.0),
+                            last: Instant::now(),
+                        })
+                    }),
+                };
+                (s.name.clone(), src)
+            })
+            .collect();
+        App {
+            engine,
+            cfg,
+            metrics,
+            sources,
+            closing: AtomicBool::new(false),
+            low_disk: AtomicBool::new(false),
+            wal_failing: AtomicBool::new(false),
+            started: Instant::now(),
+        }
+    }
+
+    fn source(&self, name: &str) -> ApiResult<&Source> {
+        self.sources.get(name).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "unknown_source",
+                format!("no source named {name:?}"),
+            )
+        })
+    }
+
+    /// The caller may use `src`: its token, or any caller when it has none.
+    fn authorize(&self, src: &Source, headers: &HeaderMap) -> ApiResult<()> {
+        let Some(expected) = &src.token else {
+            return Ok(());
+        };
+        let Some(given) = bearer(headers) else {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "this source needs `Authorization: Bearer <token>`",
+            ));
+        };
+        if ct_eq(given, expected) {
+            return Ok(());
+        }
+        let other = self
+            .sources
+            .values()
+            .filter_map(|s| s.token.as_deref())
+            .any(|t| ct_eq(given, t));
+        if other {
+            Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "this token belongs to another source",
+            ))
+        } else {
+            Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "invalid token",
+            ))
+        }
+    }
+
+    fn authorize_admin(&self, headers: &HeaderMap) -> ApiResult<()> {
+        match &self.cfg.server.admin_token {
+            None if self.cfg.server.listen.ip().is_loopback() => Ok(()),
+            None => Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "the admin API needs server.admin_token when listening beyond loopback",
+            )),
+            Some(t) => match bearer(headers) {
+                Some(g) if ct_eq(g, t) => Ok(()),
+                Some(_) => Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "forbidden",
+                    "not the admin token",
+                )),
+                None => Err(ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "the admin API needs `Authorization: Bearer <admin token>`",
+                )),
+            },
+        }
+    }
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+fn ct_eq(a: &str, b: &str) -> bool {
+    a.len() == b.len() && bool::from(a.as_bytes().ct_eq(b.as_bytes()))
+}
+
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/v1/{source}/entries", post(write).get(read))
+        .route("/v1/{source}/entries/{id}", get(get_one))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/admin/dead-letters", get(dead_letters))
+        .route("/v1/admin/dead-letters/requeue", post(requeue))
+        .route("/v1/admin/stats", get(stats))
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .layer(middleware::from_fn_with_state(app.clone(), track))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(app)
+}
+
+/// Count every request by route and code; refuse new work while shutting down.
+async fn track(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned());
+    let ops = matches!(route.as_str(), "/healthz" | "/readyz" | "/metrics");
+    let resp = if app.closing.load(Ordering::SeqCst) && !ops {
+        ApiError::unavailable("shutting down").into_response()
+    } else {
+        next.run(req).await
+    };
+    app.metrics.http_request(&route, resp.status().as_u16());
+    resp
+}
+
+#[derive(Deserialize)]
+struct Probe {
+    #[serde(default)]
+    subject: Option<Value>,
+    #[serde(default)]
+    idempotency_key: Option<Value>,
+}
+
+/// `Some(string)` / `None` for a JSON string / null-or-absent field, else an error.
+fn string_field(v: Option<Value>, name: &str, at: &str) -> ApiResult<Option<String>> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.len() <= MAX_FIELD_BYTES => Ok(Some(s)),
+        Some(Value::String(_)) => Err(ApiError::bad(
+            "invalid_entry",
+            format!("{at}: `{name}` is longer than {MAX_FIELD_BYTES} bytes"),
+        )),
+        Some(_) => Err(ApiError::bad(
+            "invalid_entry",
+            format!("{at}: `{name}` must be a string"),
+        )),
+    }
+}
+
+fn json_error(e: &serde_json::Error, line_offset: usize) -> ApiError {
+    let line = e.line() + line_offset;
+    ApiError::bad(
+        "invalid_json",
+        format!("invalid JSON at line {line}, column {}: {e}", e.column()),
+    )
+}
+
+/// Decode the body into the raw JSON text of each entry.
+fn split_entries(body: &[u8], ndjson: bool) -> ApiResult<Vec<(&RawValue, String)>> {
+    if ndjson {
+        let mut out = Vec::new();
+        for (i, line) in body.split(|b| *b == b'\n').enumerate() {
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            let raw: &RawValue = serde_json::from_slice(line).map_err(|e| json_error(&e, i))?;
+            out.push((raw, format!("line {}", i + 1)));
+        }
+        return Ok(out);
+    }
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first == Some(&b'[') {
+        let items: Vec<&RawValue> = serde_json::from_slice(body).map_err(|e| json_error(&e, 0))?;
+        Ok(items
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| (r, format!("entry {i}")))
+            .collect())
+    } else {
+        let raw: &RawValue = serde_json::from_slice(body).map_err(|e| json_error(&e, 0))?;
+        Ok(vec![(raw, "entry 0".to_owned())])
+    }
+}
+
+/// Read the request body, bounded by `limit` before and after gzip.
+async fn read_body(headers: &HeaderMap, body: Body, limit: u64) -> ApiResult<Vec<u8>> {
+    let too_large = || {
+        ApiError::too_large(format!(
+            "request body exceeds server.max_body_bytes ({limit} bytes)"
+        ))
+    };
+    if let Some(len) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+    {
+        if len > limit {
+            return Err(too_large());
+        }
+    }
+    let raw = axum::body::to_bytes(body, limit as usize)
+        .await
+        .map_err(|e| {
+            let e = e.into_inner();
+            if e.is::<http_body_util::LengthLimitError>() {
+                too_large()
+            } else {
+                ApiError::bad("invalid_request", format!("could not read the body: {e}"))
+            }
+        })?;
+    let encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .map(|v| v.to_str().unwrap_or("?").trim().to_ascii_lowercase());
+    match encoding.as_deref() {
+        None | Some("identity") | Some("") => Ok(raw.to_vec()),
+        Some("gzip") | Some("x-gzip") => {
+            let mut out = Vec::new();
+            let mut dec = flate2::read::GzDecoder::new(&raw[..]).take(limit + 1);
+            dec.read_to_end(&mut out).map_err(|e| {
+                ApiError::bad("invalid_request", format!("body is not valid gzip: {e}"))
+            })?;
+            if out.len() as u64 > limit {
+                return Err(ApiError::too_large(format!(
+                    "decompressed body exceeds server.max_body_bytes ({limit} bytes)"
+                )));
+            }
+            Ok(out)
+        }
+        Some(other) => Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!("Content-Encoding {other:?} is not supported (use gzip or none)"),
+        )),
+    }
+}
+
+#[derive(Serialize)]
+struct EntryAnswer {
+    id: Uuid,
+    lsn: u64,
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+}
+
+fn query_params(
+    q: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<HashMap<String, String>> {
+    q.map(|Query(m)| m)
+        .map_err(|e| ApiError::bad("invalid_request", format!("bad query string: {e}")))
+}
+
+async fn write(
+    State(app): State<Arc<App>>,
+    Path(source): Path<String>,
+    q: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let src = app.source(&source)?;
+    app.authorize(src, &headers)?;
+    let params = query_params(q)?;
+    let wait_delivered = match params.get("wait").map(String::as_str) {
+        None | Some("durable") => false,
+        Some("delivered") => true,
+        Some(w) => {
+            return Err(ApiError::bad(
+                "invalid_request",
+                format!("wait must be durable or delivered, got {w:?}"),
+            ))
+        }
+    };
+    let timeout = match params.get("timeout_ms") {
+        None => Duration::from_millis(5000),
+        Some(t) => Duration::from_millis(
+            t.parse::<u64>()
+                .map_err(|_| {
+                    ApiError::bad(
+                        "invalid_request",
+                        format!("timeout_ms must be a number of milliseconds, got {t:?}"),
+                    )
+                })?
+                .min(60_000),
+        ),
+    };
+    let ndjson = match headers
+        .get(header::CONTENT_TYPE)
+        .map(|v| v.to_str().unwrap_or("?"))
+    {
+        None => false,
+        Some(ct) => {
+            let mime = ct
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
+            match mime.as_str() {
+                "application/json" => false,
+                "application/x-ndjson" | "application/ndjson" | "application/jsonl" => true,
+                _ => {
+                    return Err(ApiError::new(
+                        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                        "unsupported_media_type",
+                        format!("Content-Type {ct:?} is not supported (use application/json or application/x-ndjson)"),
+                    ))
+                }
+            }
+        }
+    };
+    let body = read_body(&headers, body, app.cfg.server.max_body_bytes).await?;
+    let raws = split_entries(&body, ndjson)?;
+    let limits = &app.cfg.limits;
+    if raws.is_empty() {
+        return Err(ApiError::bad(
+            "invalid_entry",
+            "the request holds no entries",
+        ));
+    }
+    if raws.len() > limits.max_entries_per_request {
+        return Err(ApiError::too_large(format!(
+            "{} entries in one request; limits.max_entries_per_request is {}",
+            raws.len(),
+            limits.max_entries_per_request
+        )));
+    }
+    let header_key = headers
+        .get("idempotency-key")
+        .map(|v| {
+            v.to_str().map(str::to_owned).map_err(|_| {
+                ApiError::bad("invalid_request", "Idempotency-Key must be visible ASCII")
+            })
+        })
+        .transpose()?;
+    if header_key.is_some() && raws.len() != 1 {
+        return Err(ApiError::bad(
+            "invalid_request",
+            "the Idempotency-Key header is for one-entry requests; put `idempotency_key` in each entry",
+        ));
+    }
+    if header_key
+        .as_ref()
+        .is_some_and(|k| k.is_empty() || k.len() > MAX_FIELD_BYTES)
+    {
+        return Err(ApiError::bad(
+            "invalid_request",
+            format!("Idempotency-Key must be 1-{MAX_FIELD_BYTES} bytes"),
+        ));
+    }
+    let now = spool_wal::now_us();
+    let mut entries = Vec::with_capacity(raws.len());
+    for (raw, at) in raws {
+        let text = raw.get();
+        if text.len() as u64 > limits.max_entry_bytes {
+            return Err(ApiError::too_large(format!(
+                "{at} is {} bytes; limits.max_entry_bytes is {}",
+                text.len(),
+                limits.max_entry_bytes
+            )));
+        }
+        if !text.starts_with('{') {
+            return Err(ApiError::bad(
+                "invalid_entry",
+                format!("{at}: an entry must be a JSON object"),
+            ));
+        }
+        let probe: Probe = serde_json::from_str(text)
+            .map_err(|e| ApiError::bad("invalid_entry", format!("{at}: {e}")))?;
+        let subject = string_field(probe.subject, "subject", &at)?;
+        let key =
+            string_field(probe.idempotency_key, "idempotency_key", &at)?.or(header_key.clone());
+        if key.as_deref() == Some("") {
+            return Err(ApiError::bad(
+                "invalid_entry",
+                format!("{at}: `idempotency_key` must not be empty"),
+            ));
+        }
+        entries.push(Entry {
+            id: Uuid::now_v7(),
+            source: source.clone(),
+            destination: src.destination.clone(),
+            subject,
+            idempotency_key: key,
+            accepted_at_us: now,
+            payload: text.as_bytes().to_vec(),
+        });
+    }
+    if let Some(l) = &src.limiter {
+        l.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take(entries.len())
+            .map_err(|secs| {
+                ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    format!("source {source:?} is over its rate_limit"),
+                )
+                .retry(secs)
+            })?;
+    }
+    if app.low_disk.load(Ordering::Relaxed) {
+        return Err(ApiError::unavailable(
+            "free disk space under the WAL is below wal.min_free_bytes",
+        ));
+    }
+    let receipt = match app.engine.ingest(entries, wait_delivered).await {
+        Ok(r) => {
+            app.wal_failing.store(false, Ordering::Relaxed);
+            r
+        }
+        Err(IngestError::Full { retry_after, .. }) => {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "queue_full",
+                "the delivery queue is full; nothing was written",
+            )
+            .retry(retry_after.as_secs()))
+        }
+        Err(IngestError::Closed) => return Err(ApiError::unavailable("shutting down")),
+        Err(IngestError::Wal(e)) => {
+            app.wal_failing.store(true, Ordering::Relaxed);
+            tracing::error!(error = %e, "WAL append failed");
+            let msg = if e.is_out_of_space() {
+                "the WAL's disk is full; nothing was written".to_owned()
+            } else {
+                format!("the WAL cannot write; nothing was written ({e})")
+            };
+            return Err(ApiError::unavailable(msg));
+        }
+        Err(e) => {
+            return Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                e.to_string(),
+            ));
+        }
+    };
+    let replayed = receipt.any_replayed();
+    let accepted = receipt.accepted.clone();
+    let (status, answers) = if wait_delivered {
+        let outcomes = receipt.wait(timeout).await;
+        let done = outcomes.iter().all(|o| *o != Outcome::Pending);
+        let answers = accepted
+            .iter()
+            .zip(outcomes)
+            .map(|(a, o)| {
+                let (status, reason) = match o {
+                    Outcome::Delivered => ("delivered", None),
+                    Outcome::Failed { reason } => ("failed", Some(reason)),
+                    Outcome::Pending => ("durable", None),
+                };
+                EntryAnswer {
+                    id: a.id,
+                    lsn: a.lsn,
+                    status,
+                    reason,
+                }
+            })
+            .collect::<Vec<_>>();
+        (
+            if done {
+                StatusCode::OK
+            } else {
+                StatusCode::ACCEPTED
+            },
+            answers,
+        )
+    } else {
+        let answers = accepted
+            .iter()
+            .map(|a| {
+                let (status, reason) = if a.replayed {
+                    current_status(&app.engine, a.id)
+                } else {
+                    ("durable", None)
+                };
+                EntryAnswer {
+                    id: a.id,
+                    lsn: a.lsn,
+                    status,
+                    reason,
+                }
+            })
+            .collect();
+        (StatusCode::ACCEPTED, answers)
+    };
+    let mut resp = (status, Json(json!({ "entries": answers }))).into_response();
+    if replayed {
+        resp.headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok(resp)
+}
+
+/// Status of an accepted entry: tracked by the WAL (pending, dead) or delivered.
+fn current_status(engine: &Engine, id: Uuid) -> (&'static str, Option<String>) {
+    match engine.status(id) {
+        Some((_, Tracked::Pending)) => ("durable", None),
+        Some((_, Tracked::Dead { reason, .. })) => ("failed", Some(reason)),
+        None => ("delivered", None),
+    }
+}
+
+fn rfc3339(us: i64) -> String {
+    let t = UNIX_EPOCH + Duration::from_micros(us.max(0) as u64);
+    humantime::format_rfc3339_micros(t).to_string()
+}
+
+/// RFC 3339 time, or a number of seconds since the Unix epoch, to µs.
+fn parse_time(name: &str, v: &str) -> ApiResult<i64> {
+    if let Ok(secs) = v.parse::<f64>() {
+        if secs.is_finite() && secs.abs() < 1e13 {
+            return Ok((secs * 1e6) as i64);
+        }
+    }
+    let t = humantime::parse_rfc3339_weak(v).map_err(|_| {
+        ApiError::bad(
+            "invalid_request",
+            format!("{name} must be an RFC 3339 time or Unix seconds, got {v:?}"),
+        )
+    })?;
+    Ok(t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64))
+}
+
+fn stored_json(e: &spool_destination::StoredEntry) -> Value {
+    let payload: Value = serde_json::from_slice(&e.entry.payload)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&e.entry.payload).into_owned()));
+    json!({
+        "id": e.entry.id,
+        "lsn": e.lsn,
+        "subject": e.entry.subject,
+        "payload": payload,
+        "created_at": rfc3339(e.entry.accepted_at_us),
+    })
+}
+
+fn dest_error(e: DestinationError) -> ApiError {
+    match e {
+        DestinationError::InvalidQuery(m) => ApiError::bad("invalid_request", m),
+        e if e.is_transient() => ApiError::unavailable(format!("destination unavailable: {e}")),
+        e => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+    }
+}
+
+async fn read(
+    State(app): State<Arc<App>>,
+    Path(source): Path<String>,
+    q: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let src = app.source(&source)?;
+    app.authorize(src, &headers)?;
+    let p = query_params(q)?;
+    let limit = match p.get("limit") {
+        None => 50,
+        Some(l) => match l.parse::<u32>() {
+            Ok(n) if n >= 1 => n.min(1000),
+            _ => {
+                return Err(ApiError::bad(
+                    "invalid_request",
+                    format!("limit must be 1-1000, got {l:?}"),
+                ))
+            }
+        },
+    };
+    let query = DestQuery {
+        source: source.clone(),
+        subject: p.get("subject").cloned(),
+        q: p.get("q").filter(|s| !s.trim().is_empty()).cloned(),
+        since_us: p.get("since").map(|v| parse_time("since", v)).transpose()?,
+        until_us: p.get("until").map(|v| parse_time("until", v)).transpose()?,
+        limit,
+        cursor: p.get("cursor").filter(|s| !s.is_empty()).cloned(),
+    };
+    let dest = app
+        .engine
+        .destination(&src.destination)
+        .ok_or_else(|| ApiError::unavailable("destination not open"))?;
+    let page = dest.query(&query).await.map_err(dest_error)?;
+    let entries: Vec<Value> = page.entries.iter().map(stored_json).collect();
+    Ok(Json(json!({"entries": entries, "next_cursor": page.next_cursor})).into_response())
+}
+
+async fn get_one(
+    State(app): State<Arc<App>>,
+    Path((source, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let src = app.source(&source)?;
+    app.authorize(src, &headers)?;
+    let missing = || ApiError::not_found(format!("no entry {id} in source {source:?}"));
+    let uuid = Uuid::parse_str(&id).map_err(|_| missing())?;
+    // Still in the WAL's hands: pending or dead.
+    if let Some((lsn, status)) = app.engine.status(uuid) {
+        let wal = app.engine.wal().clone();
+        let read = tokio::task::spawn_blocking(move || wal.read_entries(&[lsn])).await;
+        if let Ok(Ok(mut v)) = read {
+            if let Some(le) = v.pop().filter(|le| le.entry.source == source) {
+                let stored = spool_destination::StoredEntry {
+                    lsn,
+                    entry: le.entry,
+                    delivered_at_us: 0,
+                };
+                let mut out = stored_json(&stored);
+                match status {
+                    Tracked::Pending => out["status"] = json!("pending"),
+                    Tracked::Dead { attempts, reason } => {
+                        out["status"] = json!("failed");
+                        out["reason"] = json!(reason);
+                        out["attempts"] = json!(attempts);
+                    }
+                }
+                return Ok(Json(out).into_response());
+            }
+            return Err(missing());
+        }
+    }
+    let dest = app
+        .engine
+        .destination(&src.destination)
+        .ok_or_else(|| ApiError::unavailable("destination not open"))?;
+    match dest.get(&source, uuid).await.map_err(dest_error)? {
+        Some(e) => {
+            let mut out = stored_json(&e);
+            out["status"] = json!("delivered");
+            out["delivered_at"] = json!(rfc3339(e.delivered_at_us));
+            Ok(Json(out).into_response())
+        }
+        None => Err(missing()),
+    }
+}
+
+async fn healthz() -> Response {
+    Json(json!({"status": "ok"})).into_response()
+}
+
+async fn readyz(State(app): State<Arc<App>>) -> Response {
+    let mut checks = serde_json::Map::new();
+    let mut ready = true;
+    let mut check = |name: String, result: Result<(), String>| {
+        ready &= result.is_ok();
+        checks.insert(name, json!(result.err().unwrap_or_else(|| "ok".into())));
+    };
+    check(
+        "shutdown".into(),
+        if app.closing.load(Ordering::SeqCst) {
+            Err("shutting down".into())
+        } else {
+            Ok(())
+        },
+    );
+    check(
+        "wal".into(),
+        if app.wal_failing.load(Ordering::Relaxed) {
+            Err("the last WAL append failed".into())
+        } else {
+            Ok(())
+        },
+    );
+    let min = app.cfg.wal.min_free_bytes;
+    check(
+        "disk".into(),
+        match fs4::available_space(app.engine.wal().dir()) {
+            Ok(free) if free >= min => Ok(()),
+            Ok(free) => Err(format!(
+                "{free} bytes free under the WAL, below wal.min_free_bytes ({min})"
+            )),
+            Err(e) => Err(format!("cannot read free space: {e}")),
+        },
+    );
+    for name in app.engine.destinations() {
+        let d = app.engine.destination(&name).expect("listed");
+        let r = match tokio::time::timeout(Duration::from_secs(2), d.health()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("health check timed out".into()),
+        };
+        check(format!("destination:{name}"), r);
+    }
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(json!({"status": if ready {"ready"} else {"unready"}, "checks": checks})),
+    )
+        .into_response()
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    let body = app.metrics.render(&app.engine);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
+}
+
+async fn dead_letters(
+    State(app): State<Arc<App>>,
+    q: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    app.authorize_admin(&headers)?;
+    let p = query_params(q)?;
+    let limit = match p.get("limit") {
+        None => 100,
+        Some(l) => l.parse::<usize>().ok().filter(|n| *n >= 1).ok_or_else(|| {
+            ApiError::bad(
+                "invalid_request",
+                format!("limit must be a positive number, got {l:?}"),
+            )
+        })?,
+    };
+    let list: Vec<Value> = app
+        .engine
+        .dead_letters(p.get("source").map(String::as_str), limit)
+        .into_iter()
+        .map(|d| {
+            json!({"id": d.id, "lsn": d.lsn, "source": d.source, "destination": d.destination,
+                   "attempts": d.attempts, "reason": d.reason})
+        })
+        .collect();
+    Ok(Json(json!({"dead_letters": list})).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RequeueBody {
+    #[serde(default)]
+    ids: Option<Vec<Uuid>>,
+    #[serde(default)]
+    all: bool,
+}
+
+async fn requeue(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    app.authorize_admin(&headers)?;
+    let raw = read_body(&headers, body, 16 << 20).await?;
+    let b: RequeueBody = serde_json::from_slice(&raw).map_err(|e| {
+        ApiError::bad(
+            "invalid_request",
+            format!("body must be {{\"ids\":[...]}} or {{\"all\":true}}: {e}"),
+        )
+    })?;
+    let ids = match (b.all, b.ids) {
+        (true, None) => None,
+        (false, Some(ids)) => Some(ids),
+        _ => {
+            return Err(ApiError::bad(
+                "invalid_request",
+                "give exactly one of `ids` or `all: true`",
+            ))
+        }
+    };
+    let done = app
+        .engine
+        .requeue(ids.as_deref())
+        .await
+        .map_err(|e| match e {
+            IngestError::Wal(e) => ApiError::unavailable(format!("the WAL cannot write: {e}")),
+            e => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+        })?;
+    Ok(Json(json!({"requeued": done.len(), "ids": done})).into_response())
+}
+
+async fn stats(State(app): State<Arc<App>>, headers: HeaderMap) -> ApiResult<Response> {
+    app.authorize_admin(&headers)?;
+    let st = app.engine.wal().status();
+    let lanes: Vec<Value> = app
+        .engine
+        .lanes()
+        .into_iter()
+        .map(|l| {
+            json!({"name": l.destination, "queue_depth": l.in_flight, "waiting": l.depth,
+                   "capacity": l.capacity, "up": l.up})
+        })
+        .collect();
+    Ok(Json(json!({
+        "uptime_seconds": app.started.elapsed().as_secs(),
+        "wal": {
+            "segments": st.segments, "bytes": st.bytes, "pending": st.pending, "dead": st.dead,
+            "oldest_pending_lsn": st.oldest_pending_lsn, "last_lsn": st.visible_lsn,
+        },
+        "destinations": lanes,
+        "now": rfc3339(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)),
+    }))
+    .into_response())
+}

@@ -1,0 +1,389 @@
+//! # spool — the server and the operator CLI
+//!
+//! `spool serve` wires configuration → WAL → destinations → engine → HTTP; the
+//! data path itself lives in the libraries (spool-wal, spool-destination,
+//! spool-queue). The other subcommands are offline operator tools.
+//!
+//! ## Invariants
+//! - Exit codes: 0 ok, 1 a failure found or an operation failed, 2 usage or
+//!   configuration error (the message names the key or flag).
+//! - Offline tools take the WAL directory's lock: they refuse to run against a
+//!   directory a live server holds.
+//! - Shutdown (SIGTERM/SIGINT) drains once: new requests get 503, in-flight ones
+//!   finish, the engine drains within `server.shutdown_timeout`, exit 0.
+
+mod config;
+mod http;
+mod metrics;
+mod ops;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use config::{Config, ConfigError};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+#[command(
+    name = "spool",
+    version,
+    about = "WAL-fronted ingest queue: serve, and operate the WAL"
+)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve the HTTP API (no config: ./spool-data, SQLite, 127.0.0.1:7070).
+    Serve {
+        /// spool.toml.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Inspect a WAL directory (offline).
+    Wal {
+        #[command(subcommand)]
+        cmd: WalCmd,
+    },
+    /// Re-deliver WAL entries to a destination (rebuild or fill it). Idempotent.
+    Replay {
+        /// spool.toml naming the WAL directory and the destination.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Destination name.
+        #[arg(long)]
+        destination: String,
+        /// Only entries of this source.
+        #[arg(long)]
+        source: Option<String>,
+        /// First LSN.
+        #[arg(long, default_value_t = 1)]
+        from: u64,
+        /// Last LSN.
+        #[arg(long)]
+        to: Option<u64>,
+        /// Statuses to replay.
+        #[arg(long, value_delimiter = ',', default_value = "pending,delivered")]
+        status: Vec<ops::Status>,
+        /// Count what would be replayed, write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Dead letters (offline; with a server running use the admin API).
+    Dlq {
+        #[command(subcommand)]
+        cmd: DlqCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum WalCmd {
+    /// Check every record; exit 1 naming the first bad one.
+    Verify {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One line per record: lsn, kind, source, id, status, bytes.
+    Inspect {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        from: u64,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Segments, bytes, records, pending, delivered, failed, oldest pending LSN.
+    Stats {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCmd {
+    /// List dead letters.
+    List {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        source: Option<String>,
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Requeue dead letters (delivered by the next `spool serve`).
+    Requeue {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// All dead letters.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+        /// Entry ids.
+        #[arg(required_unless_present = "all")]
+        ids: Vec<uuid::Uuid>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// An error with its exit code.
+pub enum Failure {
+    /// Exit 2.
+    Usage(String),
+    /// Exit 1.
+    Failed(anyhow::Error),
+}
+
+impl From<ConfigError> for Failure {
+    fn from(e: ConfigError) -> Self {
+        Failure::Usage(e.0)
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure::Failed(e)
+    }
+}
+
+fn load_config(path: Option<&PathBuf>) -> Result<Config, Failure> {
+    Ok(match path {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    })
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,tower_http=info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => b.init(),
+        LogFormat::Json => b.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logs(cli.log_format);
+    let result = match cli.cmd {
+        Cmd::Serve { config } => {
+            load_config(config.as_ref()).and_then(|c| serve(c).map_err(Failure::from))
+        }
+        Cmd::Wal { cmd } => match cmd {
+            WalCmd::Verify { dir, json } => ops::verify(&dir, json),
+            WalCmd::Inspect {
+                dir,
+                from,
+                limit,
+                json,
+            } => ops::inspect(&dir, from, limit, json),
+            WalCmd::Stats { dir, json } => ops::stats(&dir, json),
+        },
+        Cmd::Replay {
+            config,
+            destination,
+            source,
+            from,
+            to,
+            status,
+            dry_run,
+            json,
+        } => load_config(config.as_ref()).and_then(|c| {
+            let r = ops::Replay {
+                destination,
+                source,
+                from,
+                to: to.unwrap_or(u64::MAX),
+                status,
+                dry_run,
+                json,
+            };
+            runtime()?.block_on(ops::replay(&c, r))
+        }),
+        Cmd::Dlq { cmd } => match cmd {
+            DlqCmd::List {
+                config,
+                source,
+                limit,
+                json,
+            } => load_config(config.as_ref())
+                .and_then(|c| ops::dlq_list(&c, source.as_deref(), limit, json)),
+            DlqCmd::Requeue {
+                config,
+                all,
+                ids,
+                json,
+            } => load_config(config.as_ref()).and_then(|c| {
+                runtime()?.block_on(ops::dlq_requeue(&c, (!all).then_some(ids), json))
+            }),
+        },
+    };
+    match result {
+        Ok(code) => code,
+        Err(Failure::Usage(m)) => {
+            eprintln!("spool: {m}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Failed(e)) => {
+            eprintln!("spool: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::Failed(e.into()))
+}
+
+fn serve(cfg: Config) -> Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(serve_async(cfg))
+}
+
+async fn serve_async(cfg: Config) -> Result<ExitCode> {
+    let started = Instant::now();
+    let metrics = Arc::new(metrics::Metrics::default());
+    std::fs::create_dir_all(&cfg.wal.dir)
+        .with_context(|| format!("creating {}", cfg.wal.dir.display()))?;
+    let wal = spool_wal::Wal::open_with_observer(&cfg.wal.dir, cfg.wal_config()?, metrics.clone())
+        .with_context(|| format!("opening the WAL in {}", cfg.wal.dir.display()))?;
+    let mut dests = Vec::new();
+    for d in &cfg.destinations {
+        if let Some(p) = &d.path {
+            if let Some(parent) = std::path::Path::new(p).parent() {
+                std::fs::create_dir_all(parent).ok();
+            }
+        }
+        dests.push(
+            spool_destination::open(d)
+                .await
+                .with_context(|| format!("opening destination {:?}", d.name))?,
+        );
+    }
+    let engine =
+        spool_queue::Engine::start_with_observer(wal, dests, cfg.engine_config(), metrics.clone())
+            .context("starting the delivery engine")?;
+    let listener = tokio::net::TcpListener::bind(cfg.server.listen)
+        .await
+        .with_context(|| format!("binding {}", cfg.server.listen))?;
+    let addr = listener.local_addr()?;
+    let shutdown_timeout = cfg.server.shutdown_timeout;
+    let app = Arc::new(http::App::new(engine.clone(), cfg, metrics));
+    tokio::spawn(watch_disk(app.clone()));
+    tokio::spawn(run_retention(engine.clone()));
+    tracing::info!(listen = %addr, startup_ms = started.elapsed().as_millis() as u64, "spool serving");
+
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let server = {
+        let stop = stop.clone();
+        let router = http::router(app.clone());
+        tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(async move { stop.notified().await })
+                .await
+        })
+    };
+    shutdown_signal().await;
+    let deadline = tokio::time::Instant::now() + shutdown_timeout;
+    tracing::info!(
+        timeout_ms = shutdown_timeout.as_millis() as u64,
+        "shutting down: no new requests; draining"
+    );
+    app.closing.store(true, Ordering::SeqCst);
+    stop.notify_one();
+    if tokio::time::timeout_at(deadline, server).await.is_err() {
+        tracing::warn!("in-flight requests did not finish before server.shutdown_timeout");
+    }
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    let report = engine.shutdown(left.max(Duration::from_millis(100))).await;
+    tracing::info!(
+        left_pending = report.left_pending,
+        deadline_passed = report.deadline_passed,
+        "spool stopped"
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// Keep `low_disk` current: writes are refused (503) below `wal.min_free_bytes`.
+async fn watch_disk(app: Arc<http::App>) {
+    let min = app.cfg.wal.min_free_bytes;
+    loop {
+        if let Ok(free) = fs4::available_space(app.engine.wal().dir()) {
+            let low = free < min;
+            if app.low_disk.swap(low, Ordering::Relaxed) != low {
+                if low {
+                    tracing::warn!(
+                        free,
+                        min_free_bytes = min,
+                        "disk under the WAL is low; refusing writes"
+                    );
+                } else {
+                    tracing::info!(free, "disk space under the WAL recovered; accepting writes");
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Delete WAL segments retention allows to go, every minute.
+async fn run_retention(engine: spool_queue::Engine) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        if engine.is_closed() {
+            return;
+        }
+        match engine.wal().run_retention().await {
+            Ok(r) if r.segments_deleted > 0 => tracing::info!(
+                segments = r.segments_deleted,
+                bytes = r.bytes_freed,
+                "WAL retention removed segments"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "WAL retention failed"),
+        }
+    }
+}
