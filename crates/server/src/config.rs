@@ -167,7 +167,6 @@ impl Default for Config {
             destinations: Vec::new(),
             sources: Vec::new(),
         }
-        .completed()
     }
 }
 
@@ -262,6 +261,11 @@ fn resolve_env(v: &mut toml::Value, path: &str) -> Result<(), ConfigError> {
 }
 
 impl Config {
+    /// The embedded default (`spool serve` without a config).
+    pub fn embedded() -> Config {
+        Config::default().completed()
+    }
+
     /// Read and check a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)

@@ -308,8 +308,51 @@ fn json_error(e: &serde_json::Error, line_offset: usize) -> ApiError {
     )
 }
 
+/// Deepest JSON nesting accepted (the array around entries counts).
+const MAX_DEPTH: usize = 64;
+
+/// Refuse nesting deeper than [`MAX_DEPTH`] before any recursive parser sees it.
+fn check_depth(body: &[u8], ndjson: bool) -> ApiResult<()> {
+    let (mut depth, mut in_str, mut esc, mut line) = (0usize, false, false, 1usize);
+    for &b in body {
+        if in_str {
+            match (esc, b) {
+                (true, _) => esc = false,
+                (false, b'\\') => esc = true,
+                (false, b'"') => in_str = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_str = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Err(ApiError::bad(
+                        "invalid_json",
+                        format!(
+                            "invalid JSON at line {line}: nesting deeper than {MAX_DEPTH} levels"
+                        ),
+                    ));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            b'\n' => {
+                line += 1;
+                if ndjson {
+                    depth = 0; // every NDJSON line is a document of its own
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// Decode the body into the raw JSON text of each entry.
 fn split_entries(body: &[u8], ndjson: bool) -> ApiResult<Vec<(&RawValue, String)>> {
+    check_depth(body, ndjson)?;
     if ndjson {
         let mut out = Vec::new();
         for (i, line) in body.split(|b| *b == b'\n').enumerate() {
@@ -383,6 +426,27 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: u64) -> ApiResult<Vec
             "unsupported_media_type",
             format!("Content-Encoding {other:?} is not supported (use gzip or none)"),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nesting_is_bounded_whatever_the_layout() {
+        let deep = |n: usize, sep: &str| {
+            format!("{}{}", "[".repeat(n), "]".repeat(n)).replace('[', &format!("[{sep}"))
+        };
+        assert!(check_depth(deep(MAX_DEPTH, "").as_bytes(), false).is_ok());
+        assert!(check_depth(deep(MAX_DEPTH + 1, "").as_bytes(), false).is_err());
+        assert!(
+            check_depth(deep(MAX_DEPTH + 1, "\n").as_bytes(), false).is_err(),
+            "newlines must not reset depth"
+        );
+        assert!(check_depth(br#"{"s":"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["}"#, false).is_ok());
+        let lines = format!("{}\n", deep(MAX_DEPTH, "")).repeat(3);
+        assert!(check_depth(lines.as_bytes(), true).is_ok());
     }
 }
 

@@ -173,7 +173,7 @@ impl From<anyhow::Error> for Failure {
 fn load_config(path: Option<&PathBuf>) -> Result<Config, Failure> {
     Ok(match path {
         Some(p) => Config::load(p)?,
-        None => Config::default(),
+        None => Config::embedded(),
     })
 }
 

@@ -1,0 +1,224 @@
+//! Start the real `spool` binary on a free port with a config in a temp dir, and
+//! talk HTTP to it.
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// The `spool` binary of this build (target/<profile>/spool, next to deps/).
+pub fn spool_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().unwrap().parent().unwrap().join("spool");
+    assert!(
+        bin.exists(),
+        "{} missing: `cargo build -p spool-server` (cargo test --workspace builds it)",
+        bin.display()
+    );
+    bin
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct Server {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub port: u16,
+    pub child: Option<Child>,
+}
+
+impl Server {
+    /// Write `spool.toml` in `dir` (listen on a free port, WAL in `dir/wal`, SQLite
+    /// in `dir/spool.db` unless `extra` declares destinations) and start serving.
+    pub fn start(dir: &Path, extra: &str) -> Server {
+        Self::start_with(dir, "", "", extra)
+    }
+
+    /// [`Server::start`] with more keys for the `[server]` and `[wal]` tables.
+    pub fn start_with(dir: &Path, server_keys: &str, wal_keys: &str, extra: &str) -> Server {
+        let port = free_port();
+        let config = dir.join("spool.toml");
+        let wal = dir.join("wal");
+        let mut text = format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_timeout = \"10s\"\n{server_keys}\n[wal]\ndir = \"{}\"\nmin_free_bytes = 0\n{wal_keys}\n",
+            wal.display()
+        );
+        text.push_str(extra);
+        if !extra.contains("[[destination]]") {
+            text.push_str(&format!(
+                "\n[[destination]]\nname = \"main\"\nkind = \"sqlite\"\npath = \"{}\"\n",
+                dir.join("spool.db").display()
+            ));
+        }
+        std::fs::write(&config, text).unwrap();
+        let mut s = Server {
+            dir: dir.to_owned(),
+            config,
+            port,
+            child: None,
+        };
+        s.launch();
+        s
+    }
+
+    /// Start (again) with the same config and port.
+    pub fn launch(&mut self) {
+        let child = Command::new(spool_bin())
+            .args(["serve", "--config"])
+            .arg(&self.config)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = ureq::get(&self.url("/healthz"))
+                .timeout(Duration::from_secs(1))
+                .call()
+            {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("spool serve exited at start: {st}");
+            }
+            assert!(Instant::now() < deadline, "spool serve did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// SIGTERM and wait (bounded) for the exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let ok = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "kill -TERM failed");
+        wait_bounded(&mut child, Duration::from_secs(30))
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    pub fn post(&self, path: &str, body: &str) -> Resp {
+        call(
+            ureq::post(&self.url(path)).set("Content-Type", "application/json"),
+            Some(body.as_bytes()),
+        )
+    }
+
+    pub fn get(&self, path: &str) -> Resp {
+        call(ureq::get(&self.url(path)), None)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn wait_bounded(child: &mut Child, limit: Duration) -> ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "process did not exit within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Value,
+}
+
+impl Resp {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Send a request; any status is an answer (not an error).
+pub fn call(req: ureq::Request, body: Option<&[u8]>) -> Resp {
+    let req = req.timeout(Duration::from_secs(70));
+    let r = match body {
+        Some(b) => req.send_bytes(b),
+        None => req.call(),
+    };
+    let resp = match r {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("request failed: {e}"),
+    };
+    let status = resp.status();
+    let headers = resp
+        .headers_names()
+        .into_iter()
+        .map(|n| {
+            let v = resp.header(&n).unwrap_or_default().to_owned();
+            (n, v)
+        })
+        .collect();
+    let text = resp.into_string().unwrap_or_default();
+    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    Resp {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// Run `spool` with arguments; (exit code, stdout, stderr).
+pub fn spool(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(spool_bin())
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Poll `f` until it holds, or panic after `limit`.
+pub fn eventually(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
