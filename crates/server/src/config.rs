@@ -14,7 +14,7 @@ use std::time::Duration;
 #[error("{0}")]
 pub struct ConfigError(pub String);
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
@@ -152,20 +152,6 @@ impl Default for Idempotency {
     fn default() -> Self {
         Idempotency {
             window: Duration::from_secs(24 * 3600),
-        }
-    }
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            server: ServerConfig::default(),
-            wal: WalSection::default(),
-            queue: QueueSection::default(),
-            limits: Limits::default(),
-            idempotency: Idempotency::default(),
-            destinations: Vec::new(),
-            sources: Vec::new(),
         }
     }
 }
