@@ -5,7 +5,12 @@ FUZZ_SECONDS ?= 600
 BENCH_DIR ?= $(CURDIR)/target/bench-data
 BENCH_SECONDS ?= 5
 
-.PHONY: test lint unit bench fuzz fuzz-smoke clean
+.PHONY: run test lint unit bench fuzz fuzz-smoke clean
+
+## run: build release and serve the embedded default (./spool-data, SQLite, 127.0.0.1:7070)
+run:
+	$(CARGO) build --release --locked -p spool-server
+	./target/release/spool serve
 
 ## test: formatting, lints, and every test of the workspace
 test: lint unit
@@ -26,6 +31,7 @@ bench:
 	./target/release/spool-bench wal-recovery --dir $(BENCH_DIR) --entries 1000000 --delivered
 	./target/release/spool-bench sink --destination sqlite --rows 200000 --batch 500
 	./target/release/spool-bench sink --destination postgres --rows 200000 --batch 1000 --concurrency 2
+	./target/release/spool-bench engine --dir $(BENCH_DIR) --producers 64 --seconds $(BENCH_SECONDS)
 
 ## fuzz: libFuzzer on the WAL decoder and recovery for FUZZ_SECONDS (cargo-fuzz on stable)
 fuzz:
