@@ -256,12 +256,13 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/admin/stats", get(stats))
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(middleware::from_fn_with_state(app.clone(), track))
-        .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(app)
 }
 
-/// Count every request by route and code; refuse new work while shutting down.
+/// Count and log (debug) every request by route and code; refuse new work while
+/// shutting down.
 async fn track(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    let (start, method) = (Instant::now(), req.method().clone());
     let route = req
         .extensions()
         .get::<MatchedPath>()
@@ -272,7 +273,9 @@ async fn track(State(app): State<Arc<App>>, req: Request, next: Next) -> Respons
     } else {
         next.run(req).await
     };
-    app.metrics.http_request(&route, resp.status().as_u16());
+    let code = resp.status().as_u16();
+    app.metrics.http_request(&route, code);
+    tracing::debug!(%method, route, code, latency_us = start.elapsed().as_micros() as u64, "request");
     resp
 }
 
