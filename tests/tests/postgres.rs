@@ -11,11 +11,9 @@ use std::time::Duration;
 fn postgres_end_to_end_and_wait_delivered_during_an_outage() {
     let mut pg = PgServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let extra = format!(
-        "[queue]\nbackoff_initial = \"20ms\"\nbackoff_max = \"200ms\"\nmax_attempts = 2\n[[destination]]\nname = \"pg\"\nkind = \"postgres\"\nurl = \"env:SPOOL_E2E_PG_URL\"\npool_size = 2\n"
-    );
+    let extra = "[queue]\nbackoff_initial = \"20ms\"\nbackoff_max = \"200ms\"\nmax_attempts = 2\n[[destination]]\nname = \"pg\"\nkind = \"postgres\"\nurl = \"env:SPOOL_E2E_PG_URL\"\npool_size = 2\n";
     std::env::set_var("SPOOL_E2E_PG_URL", pg.url());
-    let s = Server::start(dir.path(), &extra);
+    let s = Server::start(dir.path(), extra);
     let r = s.post(
         "/v1/default/entries?wait=delivered",
         r#"{"text":"stored in postgres","subject":"pg"}"#,
