@@ -562,12 +562,39 @@ impl Inner {
         }
     }
 
+    /// Append a status marker, retrying while the WAL cannot write (a full disk):
+    /// an entry is terminal only once its marker is in the WAL, so its capacity
+    /// stays held meanwhile. At the drain deadline it gives up; the entry then
+    /// stays pending and is redelivered (idempotently) after the next start.
+    async fn record<F, Fut>(&self, lane: &Lane, what: &str, append: F)
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = spool_wal::Result<()>>,
+    {
+        let mut delay = Duration::from_millis(50);
+        loop {
+            match append().await {
+                Ok(()) => return,
+                Err(e) if self.stop.is_cancelled() || !e.is_retryable() => {
+                    tracing::warn!(destination = %lane.name, error = %e, "could not record {what} in the WAL; the entries stay pending");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(destination = %lane.name, error = %e, retry_ms = delay.as_millis() as u64, "could not record {what} in the WAL; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = self.stop.cancelled() => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
     async fn delivered(&self, lane: &Lane, b: &[LoggedEntry]) {
         let lsns: Vec<u64> = b.iter().map(|e| e.lsn).collect();
-        if let Err(e) = self.wal.mark_delivered(&lsns).await {
-            // The rows are in; without the marker they are redelivered (idempotently) after a restart.
-            tracing::warn!(destination = %lane.name, error = %e, "could not record delivery in the WAL");
-        }
+        self.record(lane, "delivery", || self.wal.mark_delivered(&lsns))
+            .await;
         let at: Vec<i64> = b.iter().map(|e| e.entry.accepted_at_us).collect();
         self.observer.delivered(&lane.name, &at);
         self.settle(lsns.iter().copied(), &Outcome::Delivered);
@@ -583,9 +610,10 @@ impl Inner {
         class: &'static str,
     ) {
         for e in b {
-            if let Err(err) = self.wal.mark_failed(e.lsn, attempts, reason).await {
-                tracing::warn!(destination = %lane.name, lsn = e.lsn, error = %err, "could not record failure in the WAL");
-            }
+            self.record(lane, "failure", || {
+                self.wal.mark_failed(e.lsn, attempts, reason)
+            })
+            .await;
         }
         tracing::warn!(destination = %lane.name, entries = b.len(), attempts, reason, "entries became dead letters");
         self.observer.failed(&lane.name, class, b.len() as u64);

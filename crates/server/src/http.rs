@@ -255,6 +255,13 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/admin/dead-letters/requeue", post(requeue))
         .route("/v1/admin/stats", get(stats))
         .fallback(|| async { ApiError::not_found("no such route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this route does not take that method",
+            )
+        })
         .layer(middleware::from_fn_with_state(app.clone(), track))
         .with_state(app)
 }

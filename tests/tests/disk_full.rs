@@ -1,0 +1,91 @@
+//! A real full disk under the WAL (a small tmpfs, needs root): writes answer 503
+//! with Retry-After — never 500, never a hang — /readyz says why, nothing
+//! acknowledged is lost, and writes resume without a restart once space frees.
+
+mod common;
+
+use common::*;
+use std::process::Command;
+use std::time::Duration;
+
+struct Tmpfs(tempfile::TempDir);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
+    }
+}
+
+fn tmpfs(size: &str) -> Option<Tmpfs> {
+    let dir = tempfile::tempdir().unwrap();
+    let ok = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(dir.path())
+        .status()
+        .is_ok_and(|s| s.success());
+    ok.then_some(Tmpfs(dir))
+}
+
+#[test]
+fn a_full_disk_answers_503_and_writes_resume_when_space_frees() {
+    let Some(fs) = tmpfs("2m") else {
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "cannot mount a tmpfs to provoke a full disk (needs root)"
+        );
+        eprintln!("SKIPPED: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let other = tempfile::tempdir().unwrap();
+    let ballast = fs.0.path().join("ballast");
+    std::fs::write(&ballast, vec![0u8; 768 * 1024]).unwrap();
+    let extra = format!(
+        "[[destination]]\nname = \"main\"\nkind = \"sqlite\"\npath = \"{}\"\n",
+        other.path().join("spool.db").display()
+    );
+    let s = Server::start(fs.0.path(), &extra);
+    let pad = "x".repeat(900);
+    let mut acked = Vec::new();
+    let mut refused = None;
+    for i in 0..5000 {
+        let r = s.post(
+            "/v1/default/entries",
+            &format!(r#"{{"i":{i},"pad":"{pad}"}}"#),
+        );
+        match r.status {
+            202 => acked.push(r.body["entries"][0]["id"].as_str().unwrap().to_owned()),
+            _ => {
+                refused = Some(r);
+                break;
+            }
+        }
+    }
+    let r = refused.expect("the disk never filled");
+    assert_eq!(
+        (r.status, r.body["error"].as_str()),
+        (503, Some("unavailable")),
+        "{r:?}"
+    );
+    assert!(r.header("retry-after").is_some(), "{r:?}");
+    assert!(!acked.is_empty());
+    let ready = s.get("/readyz");
+    assert_eq!(ready.status, 503, "{ready:?}");
+
+    std::fs::remove_file(&ballast).unwrap();
+    let r = s.post(
+        "/v1/default/entries?wait=delivered",
+        r#"{"after":"space freed"}"#,
+    );
+    assert_eq!(r.status, 200, "writes did not resume: {r:?}");
+    for id in &acked {
+        eventually(
+            Duration::from_secs(30),
+            "acknowledged entry delivered",
+            || s.get(&format!("/v1/default/entries/{id}")).body["status"] == "delivered",
+        );
+    }
+    eventually(Duration::from_secs(10), "ready again", || {
+        s.get("/readyz").status == 200
+    });
+}
