@@ -20,6 +20,7 @@ lint:
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
 unit:
+	$(CARGO) build --locked -p spool-server --bin spool   # the e2e tests (tests/) run this binary
 	$(CARGO) test --workspace --locked
 
 ## bench: spool-bench figures (see docs/benchmarks.md)

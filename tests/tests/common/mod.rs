@@ -8,6 +8,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 /// The `spool` binary of this build (target/<profile>/spool, next to deps/).
+/// `cargo test` does not build another package's binary: `make test` builds it
+/// first (`cargo build -p spool-server --bin spool`).
 pub fn spool_bin() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let bin = exe.parent().unwrap().parent().unwrap().join("spool");
