@@ -444,6 +444,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn times_parse_with_offsets_and_as_unix_seconds() {
+        let z = parse_time("since", "2026-01-02T03:04:05Z").unwrap();
+        assert_eq!(parse_time("since", "2026-01-02T05:04:05+02:00").unwrap(), z);
+        assert_eq!(parse_time("since", "1767323045").unwrap(), z);
+        assert_eq!(
+            parse_time("since", "2026-01-02T03:04:05.5Z").unwrap(),
+            z + 500_000
+        );
+        assert!(parse_time("since", "yesterday").is_err());
+    }
+
+    #[test]
     fn nesting_is_bounded_whatever_the_layout() {
         let deep = |n: usize, sep: &str| {
             format!("{}{}", "[".repeat(n), "]".repeat(n)).replace('[', &format!("[{sep}"))
@@ -739,14 +751,13 @@ fn parse_time(name: &str, v: &str) -> ApiResult<i64> {
             return Ok((secs * 1e6) as i64);
         }
     }
-    let t = humantime::parse_rfc3339_weak(v).map_err(|_| {
+    let t = time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc3339).map_err(|_| {
         ApiError::bad(
             "invalid_request",
-            format!("{name} must be an RFC 3339 time or Unix seconds, got {v:?}"),
+            format!("{name} must be an RFC 3339 time (like 2026-01-02T03:04:05Z or +02:00) or Unix seconds, got {v:?}"),
         )
     })?;
-    Ok(t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as i64))
+    Ok(i64::try_from(t.unix_timestamp_nanos() / 1000).unwrap_or(i64::MAX))
 }
 
 fn stored_json(e: &spool_destination::StoredEntry) -> Value {
