@@ -5,7 +5,7 @@ FUZZ_SECONDS ?= 600
 BENCH_DIR ?= $(CURDIR)/target/bench-data
 BENCH_SECONDS ?= 5
 
-.PHONY: run test lint unit bench fuzz fuzz-smoke clean
+.PHONY: run test lint unit bench bench-http fuzz fuzz-smoke clean
 
 ## run: build release and serve the embedded default (./spool-data, SQLite, 127.0.0.1:7070)
 run:
@@ -33,6 +33,11 @@ bench:
 	./target/release/spool-bench sink --destination sqlite --rows 200000 --batch 500
 	./target/release/spool-bench sink --destination postgres --rows 200000 --batch 1000 --concurrency 2
 	./target/release/spool-bench engine --dir $(BENCH_DIR) --producers 64 --seconds $(BENCH_SECONDS)
+
+## bench-http: spool-bench http against a release server, sync=always vs never
+bench-http:
+	$(CARGO) build --release --locked -p spool-bench -p spool-server
+	bench/http-bench.sh $(BENCH_SECONDS)
 
 ## fuzz: libFuzzer on the WAL decoder and recovery for FUZZ_SECONDS (cargo-fuzz on stable)
 fuzz:

@@ -84,6 +84,34 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         concurrency: usize,
     },
+    /// HTTP ingest against a running server: closed loop, or open loop with --rate.
+    Http {
+        /// Server base URL, e.g. http://127.0.0.1:7070.
+        #[arg(long)]
+        url: String,
+        /// Source to post to.
+        #[arg(long, default_value = "default")]
+        source: String,
+        /// Bearer token of the source.
+        #[arg(long)]
+        token: Option<String>,
+        /// Concurrent keep-alive connections.
+        #[arg(long, default_value_t = 64)]
+        connections: usize,
+        /// Entries per request.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Seconds of load.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// Requests per second across all connections (open loop); latency is
+        /// measured from each request's scheduled time (no coordinated omission).
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Payload bytes per entry.
+        #[arg(long, default_value_t = 256)]
+        record_bytes: usize,
+    },
     /// The in-process engine, sustained: ingest → WAL → queue → destination.
     Engine {
         /// Directory for the WAL (and the SQLite file).
@@ -182,6 +210,35 @@ fn main() -> Result<()> {
                 concurrency,
             ))?;
             println!("{r}");
+            Ok(())
+        }
+        Cmd::Http {
+            url,
+            source,
+            token,
+            connections,
+            batch,
+            seconds,
+            rate,
+            record_bytes,
+        } => {
+            if connections == 0 || batch == 0 || seconds <= 0.0 || rate.is_some_and(|r| r <= 0.0) {
+                bail!("--connections, --batch, --seconds and --rate must be positive");
+            }
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            let spec = HttpBench {
+                url,
+                source,
+                token,
+                connections,
+                batch,
+                seconds: Duration::from_secs_f64(seconds),
+                rate,
+                record_bytes,
+            };
+            println!("{}", rt.block_on(http_bench(spec))?);
             Ok(())
         }
         Cmd::Engine {
@@ -433,6 +490,109 @@ async fn bench_destination(
         }
         other => bail!("--destination must be sqlite or postgres, got {other:?}"),
     })
+}
+
+struct HttpBench {
+    url: String,
+    source: String,
+    token: Option<String>,
+    connections: usize,
+    batch: usize,
+    seconds: Duration,
+    rate: Option<f64>,
+    record_bytes: usize,
+}
+
+#[derive(Default)]
+struct HttpCounts {
+    accepted: u64,
+    shed: u64,
+    errors: u64,
+    latencies_us: Vec<u32>,
+}
+
+/// One keep-alive HTTP/1.1 connection per task (hyper's connection API: no pool,
+/// so the client adds as little as possible to what is measured).
+async fn http_bench(b: HttpBench) -> Result<serde_json::Value> {
+    let uri: hyper::Uri = b.url.parse().context("--url")?;
+    let host = uri.host().context("--url needs a host")?.to_owned();
+    let port = uri.port_u16().unwrap_or(80);
+    let path = format!("/v1/{}/entries", b.source);
+    let entry = String::from_utf8(payload(b.record_bytes))?;
+    let body = bytes::Bytes::from(if b.batch == 1 {
+        entry
+    } else {
+        format!("[{}]", vec![entry; b.batch].join(","))
+    });
+    let start = tokio::time::Instant::now();
+    let end = start + b.seconds;
+    let mut tasks = Vec::new();
+    for c in 0..b.connections {
+        let (host, path, body, token) = (host.clone(), path.clone(), body.clone(), b.token.clone());
+        let per_conn = b.rate.map(|r| r / b.connections as f64);
+        let batch = b.batch as u64;
+        tasks.push(tokio::spawn(async move {
+            let stream = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+            stream.set_nodelay(true)?;
+            let (mut send, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+            tokio::spawn(conn);
+            let mut counts = HttpCounts::default();
+            // Open loop: request k of this connection is due at start + (k + c/N)/rate.
+            let offset = c as f64 / b.connections as f64;
+            for k in 0u64.. {
+                let due = match per_conn {
+                    Some(r) => start + Duration::from_secs_f64((k as f64 + offset) / r),
+                    None => tokio::time::Instant::now(),
+                };
+                if due >= end {
+                    break;
+                }
+                tokio::time::sleep_until(due).await;
+                let mut req = hyper::Request::post(path.as_str())
+                    .header("host", host.as_str())
+                    .header("content-type", "application/json");
+                if let Some(t) = &token {
+                    req = req.header("authorization", format!("Bearer {t}"));
+                }
+                let req = req.body(http_body_util::Full::new(body.clone()))?;
+                send.ready().await?;
+                let resp = send.send_request(req).await?;
+                let status = resp.status().as_u16();
+                http_body_util::BodyExt::collect(resp.into_body()).await?;
+                counts
+                    .latencies_us
+                    .push(due.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                match status {
+                    200 | 202 => counts.accepted += batch,
+                    429 => counts.shed += batch,
+                    _ => counts.errors += 1,
+                }
+            }
+            anyhow::Ok(counts)
+        }));
+    }
+    let mut all = HttpCounts::default();
+    for t in tasks {
+        let c = t.await??;
+        all.accepted += c.accepted;
+        all.shed += c.shed;
+        all.errors += c.errors;
+        all.latencies_us.extend(c.latencies_us);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    all.latencies_us.sort_unstable();
+    Ok(json!({
+        "bench": "http",
+        "connections": b.connections,
+        "batch": b.batch,
+        "rate": b.rate,
+        "accepted_per_sec": (all.accepted as f64 / secs).round(),
+        "shed": all.shed,
+        "errors": all.errors,
+        "p50_ms": round2(percentile(&all.latencies_us, 0.5) as f64 / 1000.0),
+        "p99_ms": round2(percentile(&all.latencies_us, 0.99) as f64 / 1000.0),
+    }))
 }
 
 struct EngineBench {
