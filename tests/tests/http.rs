@@ -416,3 +416,71 @@ fn admin_lists_and_requeues_dead_letters_and_metrics_render() {
         "{ready:?}"
     );
 }
+
+/// The README's curl examples, run as written against a server with the
+/// embedded default's source (only the port differs).
+#[test]
+fn readme_curl_examples_work() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let mut commands = Vec::new();
+    let mut current = String::new();
+    for line in readme.lines() {
+        let l = line.trim();
+        if current.is_empty() && !l.starts_with("curl ") {
+            continue;
+        }
+        current.push_str(l.trim_end_matches('\\'));
+        current.push(' ');
+        if !l.ends_with('\\') {
+            commands.push(std::mem::take(&mut current));
+        }
+    }
+    assert!(
+        commands.len() >= 4,
+        "README lost its curl examples: {commands:?}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path(), "");
+    let run = |cmd: &str| -> serde_json::Value {
+        let out = std::process::Command::new("bash")
+            .args(["-c", cmd])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{cmd}: not JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    };
+    for cmd in &commands {
+        let cmd = cmd.replace("localhost:7070", &format!("127.0.0.1:{}", s.port));
+        let v = if cmd.contains("-X POST") {
+            run(&cmd)
+        } else {
+            // Reads see what earlier (durable-only) writes delivered, once delivered.
+            let mut v = serde_json::Value::Null;
+            eventually(Duration::from_secs(10), "the read finds its entry", || {
+                v = run(&cmd);
+                v["entries"].as_array().is_some_and(|a| !a.is_empty())
+            });
+            v
+        };
+        let entries = v["entries"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{cmd}: {v}"));
+        assert!(!entries.is_empty(), "{cmd}: {v}");
+        if cmd.contains("wait=delivered") {
+            assert!(
+                entries.iter().all(|e| e["status"] == "delivered"),
+                "{cmd}: {v}"
+            );
+        }
+    }
+}
