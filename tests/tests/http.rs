@@ -484,3 +484,33 @@ fn readme_curl_examples_work() {
         }
     }
 }
+
+/// A client that never finishes its headers is cut off (header-read timeout)
+/// while the server keeps answering everybody else.
+#[test]
+fn a_slow_client_is_cut_off_and_others_are_served() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path(), "");
+    let mut idle = Vec::new();
+    for _ in 0..50 {
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+        c.write_all(b"POST /v1/default/entries HTTP/1.1\r\nHost: x\r\n")
+            .unwrap();
+        idle.push(c);
+    }
+    assert_eq!(
+        s.post("/v1/default/entries", r#"{"still":"served"}"#)
+            .status,
+        202
+    );
+    let mut c = idle.pop().unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = Vec::new();
+    let _ = c.read_to_end(&mut buf); // EOF (or a 408) once the server gives up
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "the slow client was never cut off"
+    );
+}

@@ -31,6 +31,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
+/// Longest a client may take to send a request body (slow-body guard).
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Longest `subject` / `idempotency_key` accepted, bytes.
 const MAX_FIELD_BYTES: usize = 1024;
 
@@ -403,8 +406,22 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: u64) -> ApiResult<Vec
             return Err(too_large());
         }
     }
-    let raw = axum::body::to_bytes(body, limit as usize)
+    let read = tokio::time::timeout(
+        BODY_READ_TIMEOUT,
+        axum::body::to_bytes(body, limit as usize),
+    );
+    let raw = read
         .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!(
+                    "the body did not arrive within {}s",
+                    BODY_READ_TIMEOUT.as_secs()
+                ),
+            )
+        })?
         .map_err(|e| {
             let e = e.into_inner();
             if e.is::<http_body_util::LengthLimitError>() {

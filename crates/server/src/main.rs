@@ -310,11 +310,7 @@ async fn serve_async(cfg: Config) -> Result<ExitCode> {
     let server = {
         let stop = stop.clone();
         let router = http::router(app.clone());
-        tokio::spawn(async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(async move { stop.notified().await })
-                .await
-        })
+        tokio::spawn(accept_loop(listener, router, stop))
     };
     shutdown_signal().await;
     let deadline = tokio::time::Instant::now() + shutdown_timeout;
@@ -335,6 +331,50 @@ async fn serve_async(cfg: Config) -> Result<ExitCode> {
         "spool stopped"
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Longest a client may take to send a request's headers (slowloris guard).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serve HTTP/1.1 connections until `stop`, then let in-flight requests finish
+/// (the caller bounds that wait). hyper's connection builder instead of
+/// `axum::serve` for its header-read timeout.
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    stop: Arc<tokio::sync::Notify>,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.notified() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let conn = builder.serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
 }
 
 async fn shutdown_signal() {
