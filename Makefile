@@ -5,7 +5,7 @@ FUZZ_SECONDS ?= 600
 BENCH_DIR ?= $(CURDIR)/target/bench-data
 BENCH_SECONDS ?= 5
 
-.PHONY: run test lint unit bench bench-http fuzz fuzz-smoke clean
+.PHONY: run test lint unit api-check bench bench-http fuzz fuzz-smoke clean
 
 ## run: build release and serve the embedded default (./spool-data, SQLite, 127.0.0.1:7070)
 run:
@@ -22,6 +22,11 @@ lint:
 unit:
 	$(CARGO) build --locked -p spool-server --bin spool   # the e2e tests (tests/) run this binary
 	$(CARGO) test --workspace --locked
+
+## api-check: schemathesis against a running server from docs/openapi.yaml (no 5xx, stays up)
+api-check:
+	$(CARGO) build --locked -p spool-server --bin spool
+	tests/api-check/run.sh
 
 ## bench: spool-bench figures (see docs/benchmarks.md)
 bench:
