@@ -361,6 +361,11 @@ impl Config {
                     s.name
                 ));
             }
+            if s.name == "admin" {
+                return bad(
+                    "source.name \"admin\" is reserved for the admin API (/v1/admin/...)".into(),
+                );
+            }
             if !snames.insert(&s.name) {
                 return bad(format!("source {:?} is defined twice", s.name));
             }
@@ -520,6 +525,7 @@ mod tests {
             ),
             ("[server]\nlisten = \"0.0.0.0:7070\"", "no token"),
             ("[[source]]\nname = \"a\"\ndestination = \"nope\"", "nope"),
+            ("[[source]]\nname = \"admin\"", "reserved"),
             (
                 "[[destination]]\nname = \"x\"\nkind = \"oracle\"\npath = \"p\"",
                 "oracle",

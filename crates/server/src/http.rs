@@ -645,6 +645,7 @@ async fn write(
             .unwrap_or_else(|p| p.into_inner())
             .take(entries.len())
             .map_err(|secs| {
+                spool_queue::EngineObserver::shed(&*app.metrics, &source, entries.len() as u64);
                 ApiError::new(
                     StatusCode::TOO_MANY_REQUESTS,
                     "rate_limited",
