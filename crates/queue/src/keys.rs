@@ -161,6 +161,9 @@ impl KeyIndex {
     /// Decide, per entry, whether it is written, replayed, or must wait for a
     /// concurrent call. Keys this call now owns must be settled with [`Self::settle`].
     pub fn claim(&self, entries: &[Entry]) -> Vec<Claim> {
+        if entries.iter().all(|e| e.idempotency_key.is_none()) {
+            return entries.iter().map(|_| Claim::Unkeyed).collect();
+        }
         let mut claims = self.claims.lock().unwrap_or_else(|p| p.into_inner());
         let mut seen: HashMap<Vec<u8>, usize> = HashMap::new();
         let mut out = Vec::with_capacity(entries.len());
