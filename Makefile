@@ -5,7 +5,7 @@ FUZZ_SECONDS ?= 600
 BENCH_DIR ?= $(CURDIR)/target/bench-data
 BENCH_SECONDS ?= 5
 
-.PHONY: run test lint unit api-check bench bench-http fuzz fuzz-smoke clean
+.PHONY: run test lint unit api-check bench bench-http bench-client fuzz fuzz-smoke clean
 
 ## run: build release and serve the embedded default (./spool-data, SQLite, 127.0.0.1:7070)
 run:
@@ -43,6 +43,11 @@ bench:
 bench-http:
 	$(CARGO) build --release --locked -p spool-bench -p spool-server
 	bench/http-bench.sh $(BENCH_SECONDS)
+
+## bench-client: spool-bench client (fire-and-forget, ingest_sync) against a release server
+bench-client:
+	$(CARGO) build --release --locked -p spool-bench -p spool-server
+	bench/client-bench.sh $(BENCH_SECONDS)
 
 ## fuzz: libFuzzer on the WAL decoder and recovery for FUZZ_SECONDS (cargo-fuzz on stable)
 fuzz:

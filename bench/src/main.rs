@@ -1,6 +1,8 @@
 //! `spool-bench`: spool's benchmark driver. Every result is one JSON object on
 //! its own line, so runs can be compared (see docs/benchmarks.md).
 
+mod client;
+
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use serde_json::json;
@@ -111,6 +113,40 @@ enum Cmd {
         /// Payload bytes per entry.
         #[arg(long, default_value_t = 256)]
         record_bytes: usize,
+    },
+    /// spool-client against a running server: fire-and-forget entries/s, or
+    /// ingest_sync latency; with --server-pid, client CPU per entry ÷ server's.
+    Client {
+        /// Server base URL, e.g. http://127.0.0.1:7070.
+        #[arg(long)]
+        url: String,
+        /// Source to post to.
+        #[arg(long, default_value = "default")]
+        source: String,
+        /// Bearer token of the source.
+        #[arg(long)]
+        token: Option<String>,
+        /// `fire` (ingest, then close) or `sync` (ingest_sync of one entry per call).
+        #[arg(long, default_value = "fire", value_parser = ["fire", "sync"])]
+        mode: String,
+        /// Concurrent producer tasks sharing one client.
+        #[arg(long, default_value_t = 64)]
+        producers: usize,
+        /// Seconds of load.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// Payload bytes per entry.
+        #[arg(long, default_value_t = 256)]
+        record_bytes: usize,
+        /// The server's process id, to read its CPU time.
+        #[arg(long)]
+        server_pid: Option<u32>,
+        /// The client's `max_delay` in ms (default: the client's default).
+        #[arg(long)]
+        max_delay_ms: Option<f64>,
+        /// The client's `max_in_flight` (default: the client's default).
+        #[arg(long)]
+        in_flight: Option<usize>,
     },
     /// The in-process engine, sustained: ingest → WAL → queue → destination.
     Engine {
@@ -239,6 +275,39 @@ fn main() -> Result<()> {
                 record_bytes,
             };
             println!("{}", rt.block_on(http_bench(spec))?);
+            Ok(())
+        }
+        Cmd::Client {
+            url,
+            source,
+            token,
+            mode,
+            producers,
+            seconds,
+            record_bytes,
+            server_pid,
+            max_delay_ms,
+            in_flight,
+        } => {
+            if producers == 0 || seconds <= 0.0 {
+                bail!("--producers and --seconds must be positive");
+            }
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            let spec = client::ClientBench {
+                url,
+                source,
+                token,
+                mode,
+                producers,
+                seconds: Duration::from_secs_f64(seconds),
+                record_bytes,
+                server_pid,
+                max_delay: max_delay_ms.map(|ms| Duration::from_secs_f64(ms / 1000.0)),
+                in_flight,
+            };
+            println!("{}", rt.block_on(client::client_bench(spec))?);
             Ok(())
         }
         Cmd::Engine {

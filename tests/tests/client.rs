@@ -47,6 +47,27 @@ async fn the_client_against_the_real_server() {
         .unwrap();
     assert_eq!(first[0].id, again[0].id);
 
+    // Concurrent sync callers share requests; a large batch goes gzipped.
+    let before = entries_requests(&s).await;
+    let mut calls = Vec::new();
+    for n in 0..40 {
+        let c = c.clone();
+        calls.push(tokio::spawn(async move {
+            c.ingest_sync(vec![json!({"conc": n})], Wait::Durable, deadline())
+                .await
+        }));
+    }
+    for t in calls {
+        assert_eq!(t.await.unwrap().unwrap().len(), 1);
+    }
+    let used = entries_requests(&s).await - before;
+    assert!(used < 40, "{used} requests for 40 concurrent calls");
+    let big: Vec<_> = (0..100)
+        .map(|n| json!({"big": n, "pad": "z".repeat(300)}))
+        .collect();
+    let r = c.ingest_sync(big, Wait::Durable, deadline()).await.unwrap();
+    assert_eq!(r.len(), 100);
+
     // Fire and forget, then close: everything buffered is flushed.
     for n in 0..300 {
         c.ingest(json!({"n": n})).await.unwrap();
@@ -62,13 +83,26 @@ async fn the_client_against_the_real_server() {
                 n = call(ureq::get(&url), None).body["entries"]
                     .as_array()
                     .map_or(0, Vec::len);
-                n >= 304
+                n >= 444
             },
         );
         n
     })
     .await
     .unwrap();
-    assert_eq!(count, 304, "2 + 1 + 1 + 300 entries");
+    assert_eq!(count, 444, "2 + 1 + 1 + 40 + 100 + 300 entries, each once");
     drop(s);
+}
+
+/// Requests the server counted on the entries route (from /metrics).
+async fn entries_requests(s: &Server) -> u64 {
+    let url = s.url("/metrics");
+    let body = tokio::task::spawn_blocking(move || call(ureq::get(&url), None).body)
+        .await
+        .unwrap();
+    let text = body.as_str().expect("metrics are text");
+    text.lines()
+        .filter(|l| l.starts_with("spool_http_requests_total{route=\"/v1/{source}/entries\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
 }

@@ -2,8 +2,10 @@
 //!
 //! Entries are buffered and sent in batches by a background task: by count
 //! (`max_batch_entries`), by bytes (`max_batch_bytes`; an entry that would overflow
-//! the batch flushes the current one first) and by time (`max_delay`). Three ways
-//! to call it:
+//! the batch flushes the current one first) and by time (`max_delay`, default 0).
+//! A batch goes out once `max_delay` passed and one of the `max_in_flight`
+//! request slots is free; until a slot frees it keeps growing, so a lone entry
+//! is sent at once and a busy client sends full batches. Three ways to call it:
 //!
 //! - [`Client::ingest`]: fire and forget; problems go to the `on_reject` /
 //!   `on_drop` callbacks.
@@ -161,7 +163,10 @@ impl ClientBuilder {
         self.max_batch_bytes = n.max(2);
         self
     }
-    /// Longest an entry waits for a fuller batch (default 5 ms).
+    /// How long a batch waits for more entries before it may go out (default 0).
+    /// Batching happens anyway: while every request slot is busy the next batch
+    /// keeps growing, so batches are small when the server keeps up and large
+    /// when it does not. A positive delay trades latency for fuller batches.
     pub fn max_delay(mut self, d: Duration) -> Self {
         self.max_delay = d;
         self
@@ -190,6 +195,11 @@ impl ClientBuilder {
     pub fn backoff(mut self, initial: Duration, max: Duration) -> Self {
         self.backoff_initial = initial;
         self.backoff_max = max.max(initial);
+        self
+    }
+    /// Most requests in flight at once (default 4).
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        self.in_flight = n.max(1);
         self
     }
     /// Called for an entry refused before sending (larger than `max_batch_bytes`)
@@ -335,7 +345,7 @@ impl Client {
             token: None,
             max_batch_entries: 500,
             max_batch_bytes: 1 << 20,
-            max_delay: Duration::from_millis(5),
+            max_delay: Duration::ZERO,
             buffer_entries: 10_000,
             full: FullPolicy::Wait(Duration::from_secs(1)),
             request_timeout: Duration::from_secs(30),
@@ -534,10 +544,21 @@ impl Inner {
             let mut size = first.bytes.len() + 2;
             let mut batch = vec![first];
             let until = tokio::time::Instant::now() + self.cfg.max_delay;
+            // Gather until the batch is full, or `max_delay` has passed and a
+            // request slot is free. While every slot is busy the batch keeps
+            // growing, so batches are small when the server keeps up and large
+            // when it does not.
+            let mut permit = None;
             while batch.len() < self.cfg.max_batch_entries {
+                let lingering = tokio::time::Instant::now() < until;
                 let next = tokio::select! {
+                    biased;
                     i = rx.recv() => i,
-                    _ = tokio::time::sleep_until(until) => None,
+                    p = slots.clone().acquire_owned(), if !lingering => {
+                        permit = Some(p.expect("never closed"));
+                        break;
+                    }
+                    _ = tokio::time::sleep_until(until), if lingering => continue,
                 };
                 let Some(i) = next else { break };
                 if i.wait != mode || size + i.bytes.len() + 1 > self.cfg.max_batch_bytes {
@@ -547,7 +568,10 @@ impl Inner {
                 size += i.bytes.len() + 1;
                 batch.push(i);
             }
-            let permit = slots.clone().acquire_owned().await.expect("never closed");
+            let permit = match permit {
+                Some(p) => p,
+                None => slots.clone().acquire_owned().await.expect("never closed"),
+            };
             let me = self.clone();
             sends.spawn(async move {
                 me.send(batch, mode).await;
@@ -607,19 +631,26 @@ impl Inner {
                 if let Some(t) = &self.cfg.token {
                     req = req.bearer_auth(t);
                 }
-                let res = tokio::select! {
-                    r = req.send() => r,
+                // The whole exchange (answer and body) races the close deadline.
+                let exchange = async {
+                    let resp = req.send().await.ok()?;
+                    let status = resp.status().as_u16();
+                    let retry_after = resp
+                        .headers()
+                        .get("retry-after")
+                        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+                        .map(Duration::from_secs);
+                    let bytes = resp.bytes().await.ok()?;
+                    Some((status, retry_after, bytes))
+                };
+                let answer = tokio::select! {
+                    a = exchange => a,
                     _ = self.stop.cancelled() => continue,
                 };
-                let delay = match res {
-                    Ok(resp) => {
-                        let status = resp.status().as_u16();
-                        let retry_after = resp
-                            .headers()
-                            .get("retry-after")
-                            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-                            .map(Duration::from_secs);
-                        let bytes = resp.bytes().await.unwrap_or_default();
+                let delay = match answer {
+                    // Connection error, timeout, or a body cut short: resend (the keys dedupe).
+                    None => self.backoff(attempt),
+                    Some((status, retry_after, bytes)) => {
                         let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
                         match status {
                             200 | 202 => match self.settle_answers(batch, mode, &body) {
@@ -654,7 +685,6 @@ impl Inner {
                             _ => self.backoff(attempt),
                         }
                     }
-                    Err(_) => self.backoff(attempt),
                 };
                 attempt = attempt.saturating_add(1);
                 tokio::select! {
