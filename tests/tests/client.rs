@@ -68,6 +68,18 @@ async fn the_client_against_the_real_server() {
     let r = c.ingest_sync(big, Wait::Durable, deadline()).await.unwrap();
     assert_eq!(r.len(), 100);
 
+    // A receipt handle: enqueue now, it becomes done, wait gives the receipts.
+    let mut handle = c
+        .ingest_batch(vec![json!({"r": 1}), json!({"r": 2})], Wait::Delivered)
+        .await;
+    let until = Instant::now() + Duration::from_secs(10);
+    while !handle.is_done() {
+        assert!(Instant::now() < until, "the receipts never settled");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let r = handle.wait(deadline()).await.unwrap();
+    assert!(r.iter().all(|x| x.status == "delivered"), "{r:?}");
+
     // Fire and forget, then close: everything buffered is flushed.
     for n in 0..300 {
         c.ingest(json!({"n": n})).await.unwrap();
@@ -83,14 +95,14 @@ async fn the_client_against_the_real_server() {
                 n = call(ureq::get(&url), None).body["entries"]
                     .as_array()
                     .map_or(0, Vec::len);
-                n >= 444
+                n >= 446
             },
         );
         n
     })
     .await
     .unwrap();
-    assert_eq!(count, 444, "2 + 1 + 1 + 40 + 100 + 300 entries, each once");
+    assert_eq!(count, 446, "2 + 1 + 1 + 40 + 100 + 2 + 300 entries, each once");
     drop(s);
 }
 
