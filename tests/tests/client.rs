@@ -102,7 +102,10 @@ async fn the_client_against_the_real_server() {
     })
     .await
     .unwrap();
-    assert_eq!(count, 446, "2 + 1 + 1 + 40 + 100 + 2 + 300 entries, each once");
+    assert_eq!(
+        count, 446,
+        "2 + 1 + 1 + 40 + 100 + 2 + 300 entries, each once"
+    );
     drop(s);
 }
 

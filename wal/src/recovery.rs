@@ -35,6 +35,10 @@ pub struct RecoveryReport {
     pub torn_tail: Option<TornTail>,
     /// Damaged regions skipped under `on_corruption = "skip"`.
     pub skipped_regions: u64,
+    /// Records (entries or markers) in those regions, at most: the LSN gap
+    /// across each region. A lost entry is lost data; a lost DELIVERED marker
+    /// only means the entry is delivered again (idempotently).
+    pub skipped_records: u64,
     /// Pending entries whose records were lost (skipped damage, or a missing segment).
     pub lost_entries: u64,
     /// Entries pending after recovery.
@@ -153,6 +157,7 @@ pub(crate) fn recover(dir: &Path, policy: OnCorruption, repair: bool) -> Result<
             state.apply(off, f.lsn, f.kind, f.body)
         })?;
         report.skipped_regions += walk.skipped;
+        report.skipped_records += walk.skipped_records;
         prev_lsn = walk.last_lsn.unwrap_or(prev_lsn).max(prev_lsn);
         let mut valid_len = buf.len() as u64;
         if let End::Torn { offset } = walk.end {
@@ -272,6 +277,7 @@ fn load_checkpoint_entries(
                 }
                 tracing::warn!(segment = %seg.name, offset = off, lsn, reason, "skipping damaged entry named by checkpoint");
                 report.skipped_regions += 1;
+                report.skipped_records += 1;
                 report.lost_entries += 1;
             }
         }

@@ -52,6 +52,8 @@ pub(crate) struct Walk {
     pub last_lsn: Option<u64>,
     /// Damaged regions skipped (only with `OnCorruption::Skip`).
     pub skipped: u64,
+    /// Records those regions held, at most: the LSN gap across each (at least 1).
+    pub skipped_records: u64,
 }
 
 /// Walk the frames of a whole segment image `buf`, calling `visit(offset, frame)` for
@@ -75,6 +77,7 @@ pub(crate) fn walk_segment(
         end: End::Clean,
         last_lsn: None,
         skipped: 0,
+        skipped_records: 0,
     };
     let floor = prev_lsn.max(seg.first_lsn.saturating_sub(1));
     match format::decode_segment_header(buf) {
@@ -104,6 +107,7 @@ pub(crate) fn walk_segment(
                 return Err(corrupt(0, reason));
             }
             walk.skipped += 1;
+            walk.skipped_records += 1;
             tracing::warn!(segment = %seg.name, offset = 0, reason, "skipping damaged segment header");
         }
     }
@@ -134,11 +138,17 @@ pub(crate) fn walk_segment(
             None => {
                 tracing::warn!(segment = %seg.name, offset = pos, reason, "skipping damaged tail of sealed segment");
                 walk.skipped += 1;
+                walk.skipped_records += 1;
                 return Ok(walk);
             }
             Some(n) => {
-                tracing::warn!(segment = %seg.name, offset = pos, skipped_bytes = n - pos, reason, "skipping damaged record");
+                let records = match format::parse_frame(&buf[n..]) {
+                    FrameParse::Ok(f) => (f.lsn - last - 1).max(1),
+                    _ => 1,
+                };
+                tracing::warn!(segment = %seg.name, offset = pos, skipped_bytes = n - pos, records, reason, "skipping damaged record");
                 walk.skipped += 1;
+                walk.skipped_records += records;
                 pos = n;
             }
         }

@@ -60,6 +60,7 @@ pub struct Metrics {
     pub http: Family<HttpL, Counter>,
     /// Entries lost to corruption skipped at recovery (on_corruption = "skip").
     wal_lost: Gauge,
+    wal_skipped: Gauge,
     wal_torn: Gauge,
 }
 
@@ -83,6 +84,7 @@ impl Default for Metrics {
             wal_group: group_histogram(),
             http: Family::default(),
             wal_lost: Gauge::default(),
+            wal_skipped: Gauge::default(),
             wal_torn: Gauge::default(),
             registry: Registry::default(),
         };
@@ -167,6 +169,11 @@ impl Default for Metrics {
             m.wal_lost.clone(),
         );
         r.register(
+            "spool_wal_records_skipped",
+            "Records (entries or markers) skipped as damaged at the last recovery (on_corruption = skip; at most, from the LSN gap)",
+            m.wal_skipped.clone(),
+        );
+        r.register(
             "spool_wal_torn_tail_bytes",
             "Bytes of a torn tail cut off at the last recovery",
             m.wal_torn.clone(),
@@ -192,6 +199,7 @@ impl Metrics {
         self.wal_pending.set(st.pending as i64);
         let rep = engine.wal().recovery_report();
         self.wal_lost.set(rep.lost_entries as i64);
+        self.wal_skipped.set(rep.skipped_records as i64);
         self.wal_torn
             .set(rep.torn_tail.as_ref().map_or(0, |t| t.bytes) as i64);
         let mut out = String::new();

@@ -72,12 +72,26 @@ impl Server {
 
     /// Start (again) with the same config and port.
     pub fn launch(&mut self) {
+        self.launch_with(Stdio::inherit())
+    }
+
+    /// [`Server::launch`] with its log (stderr) appended to `log`.
+    pub fn launch_logged(&mut self, log: &Path) {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        self.launch_with(f.into())
+    }
+
+    fn launch_with(&mut self, stderr: Stdio) {
         let child = Command::new(spool_bin())
             .args(["serve", "--config"])
             .arg(&self.config)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .unwrap();
         self.child = Some(child);
@@ -97,6 +111,11 @@ impl Server {
             assert!(Instant::now() < deadline, "spool serve did not come up");
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The running server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -223,4 +242,58 @@ pub fn eventually(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// `make chaos` sets `SPOOL_CHAOS=full`: the long scenarios (20 crash cycles, a
+/// 30 s outage, minutes of overload); `make test` runs the CI-sized subset.
+pub fn full_chaos() -> bool {
+    std::env::var("SPOOL_CHAOS").as_deref() == Ok("full")
+}
+
+/// One row of docs/reliability.md: printed, and appended as a JSON line to
+/// `$SPOOL_CHAOS_REPORT` when set (`make chaos` renders the table from it).
+pub fn report(row: Value) {
+    println!("CHAOS {row}");
+    if let Ok(path) = std::env::var("SPOOL_CHAOS_REPORT") {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .unwrap();
+        writeln!(f, "{row}").unwrap();
+    }
+}
+
+/// Every row the source's destination holds, through the read API (paginated).
+pub fn all_rows(s: &Server, source: &str) -> Vec<Value> {
+    let mut rows = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let page = s
+            .get(&format!("/v1/{source}/entries?limit=1000{cursor}"))
+            .body;
+        rows.extend(page["entries"].as_array().expect("a page").iter().cloned());
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = format!("&cursor={c}"),
+            None => return rows,
+        }
+    }
+}
+
+/// A value of `/proc/<pid>/status` in KiB (`VmRSS`, `VmHWM` = peak RSS).
+pub fn proc_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+/// Wait until every accepted entry is delivered or dead (WAL pending = 0).
+pub fn drained(s: &Server, limit: Duration) {
+    eventually(limit, "the WAL has no pending entries", || {
+        s.get("/v1/admin/stats").body["wal"]["pending"] == 0
+    });
 }
