@@ -5,7 +5,7 @@ FUZZ_SECONDS ?= 600
 BENCH_DIR ?= $(CURDIR)/target/bench-data
 BENCH_SECONDS ?= 5
 
-.PHONY: run test lint unit api-check bench bench-http bench-client fuzz fuzz-smoke clean
+.PHONY: run test lint unit chaos api-check bench bench-http bench-client fuzz fuzz-smoke clean
 
 ## run: build release and serve the embedded default (./spool-data, SQLite, 127.0.0.1:7070)
 run:
@@ -22,6 +22,16 @@ lint:
 unit:
 	$(CARGO) build --locked -p spool-server --bin spool   # the e2e tests (tests/) run this binary
 	$(CARGO) test --workspace --locked
+
+## chaos: the reliability suite, long (20 crash cycles per destination, 30 s outage,
+## 2 min overload) on the release binary; prints docs/reliability.md's table
+CHAOS_REPORT ?= $(CURDIR)/target/chaos.jsonl
+chaos:
+	$(CARGO) build --release --locked -p spool-server --bin spool
+	rm -f $(CHAOS_REPORT)
+	SPOOL_CHAOS=full SPOOL_CHAOS_REPORT=$(CHAOS_REPORT) $(CARGO) test --release --locked -p spool-e2e \
+	  --test chaos --test disk_full --test hostile -- --test-threads=1
+	tests/chaos-table.py $(CHAOS_REPORT)
 
 ## api-check: schemathesis against a running server from docs/openapi.yaml (no 5xx, stays up)
 api-check:

@@ -6,6 +6,7 @@ mod common;
 
 use common::*;
 use std::process::Command;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 struct Tmpfs(tempfile::TempDir);
@@ -45,6 +46,9 @@ fn a_full_disk_answers_503_and_writes_resume_when_space_frees() {
         other.path().join("spool.db").display()
     );
     let s = Server::start(fs.0.path(), &extra);
+    // Concurrent producers the whole time (tagged entries, checked at the end).
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let load = Load::start(&s, 0, 4, false, seen.clone());
     let pad = "x".repeat(900);
     let mut acked = Vec::new();
     let mut refused = None;
@@ -88,4 +92,26 @@ fn a_full_disk_answers_503_and_writes_resume_when_space_frees() {
     eventually(Duration::from_secs(10), "ready again", || {
         s.get("/readyz").status == 200
     });
+    let floor = load.acked() + 50;
+    eventually(Duration::from_secs(30), "the producers write again", || {
+        load.acked() >= floor
+    });
+    load.finish();
+    let seen = seen.lock().unwrap();
+    assert!(
+        seen.codes.keys().all(|c| matches!(c, 202 | 503)),
+        "producers saw {:?}",
+        seen.codes
+    );
+    check(&s, &seen);
+    report(serde_json::json!({
+        "scenario": "disk full under the WAL (2 MiB tmpfs), then space freed",
+        "load": "4 writers (mixed) + one filling writer of 0.9 KiB entries",
+        "cycles": "1",
+        "acknowledged": seen.acked.len() + acked.len(),
+        "lost": 0, "duplicates": 0,
+        "5xx": format!("{} (all 503 + Retry-After)", seen.fivexx()),
+        "codes": seen.codes,
+        "result": "pass: 503 + Retry-After while full, /readyz 503, writes resume without restart",
+    }));
 }

@@ -297,3 +297,160 @@ pub fn drained(s: &Server, limit: Duration) {
         s.get("/v1/admin/stats").body["wal"]["pending"] == 0
     });
 }
+
+// The reliability suite's load: tagged entries, what the producers saw, and the
+// read-back check (used by chaos.rs and disk_full.rs).
+
+use serde_json::json;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// What the producers saw.
+#[derive(Default)]
+pub struct Seen {
+    /// tag → id, for every entry a 2xx acknowledged.
+    pub acked: HashMap<String, String>,
+    /// Tags of entries in refused requests (4xx, 429, 503): must never appear.
+    pub refused: HashSet<String>,
+    /// Answers by status code.
+    pub codes: BTreeMap<u16, u64>,
+}
+
+impl Seen {
+    pub fn fivexx(&self) -> u64 {
+        self.codes.range(500..).map(|(_, n)| n).sum()
+    }
+}
+
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<Seen>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    /// `writers` threads post, in turn: a 5-entry batch, a keyed single entry, an
+    /// unkeyed single entry and (with `invalid`) a batch whose last element is not
+    /// an object — refused whole with 400. Each writer stops at `stop` or when the
+    /// server goes away.
+    pub fn start(
+        s: &Server,
+        round: usize,
+        writers: usize,
+        invalid: bool,
+        seen: Arc<Mutex<Seen>>,
+    ) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for w in 0..writers {
+            let (url, stop, seen) = (s.url("/v1/default/entries"), stop.clone(), seen.clone());
+            threads.push(std::thread::spawn(move || {
+                for i in 0u64.. {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let tag = |k: u64| format!("r{round}-w{w}-{i}-{k}");
+                    let (tags, body): (Vec<String>, String) = match i % 4 {
+                        0 => {
+                            let tags: Vec<_> = (0..5).map(tag).collect();
+                            let es: Vec<_> = tags.iter().map(|t| json!({ "t": t })).collect();
+                            (tags, Value::Array(es).to_string())
+                        }
+                        1 => {
+                            let t = tag(0);
+                            let body = json!({"t": t, "idempotency_key": format!("k-{t}")});
+                            (vec![t], body.to_string())
+                        }
+                        2 if invalid => {
+                            let tags: Vec<_> = (0..3).map(tag).collect();
+                            let mut es: Vec<_> = tags.iter().map(|t| json!({ "t": t })).collect();
+                            es.push(json!("not an object"));
+                            (tags, Value::Array(es).to_string())
+                        }
+                        _ => {
+                            let t = tag(0);
+                            (vec![t.clone()], json!({ "t": t }).to_string())
+                        }
+                    };
+                    let r = ureq::post(&url)
+                        .set("Content-Type", "application/json")
+                        .timeout(Duration::from_secs(10))
+                        .send_string(&body);
+                    let (code, resp) = match r {
+                        Ok(r) => (r.status(), r),
+                        Err(ureq::Error::Status(c, r)) => (c, r),
+                        Err(_) => return, // the server went away
+                    };
+                    let answer: Value = resp.into_json().unwrap_or(Value::Null);
+                    let mut seen = seen.lock().unwrap();
+                    *seen.codes.entry(code).or_default() += 1;
+                    match code {
+                        200 | 202 => {
+                            let ids = answer["entries"].as_array().expect("entries");
+                            for (t, e) in tags.into_iter().zip(ids) {
+                                seen.acked.insert(t, e["id"].as_str().unwrap().to_owned());
+                            }
+                        }
+                        400..=499 | 503 => seen.refused.extend(tags),
+                        _ => {}
+                    }
+                    if code == 429 || code == 503 {
+                        drop(seen);
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                }
+            }));
+        }
+        Load {
+            stop,
+            seen,
+            threads,
+        }
+    }
+
+    pub fn acked(&self) -> usize {
+        self.seen.lock().unwrap().acked.len()
+    }
+
+    pub fn finish(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+    }
+}
+
+/// Once everything is delivered: (lost, duplicates). Panics naming the first
+/// acknowledged entry missing, duplicated, or with another id, and any refused
+/// entry that is present.
+pub fn check(s: &Server, seen: &Seen) -> (usize, usize) {
+    drained(s, Duration::from_secs(120));
+    let mut by_tag: HashMap<String, Vec<String>> = HashMap::new();
+    for row in all_rows(s, "default") {
+        if let Some(t) = row["payload"]["t"].as_str() {
+            by_tag
+                .entry(t.to_owned())
+                .or_default()
+                .push(row["id"].as_str().unwrap().to_owned());
+        }
+    }
+    let dups = by_tag.values().filter(|ids| ids.len() > 1).count();
+    let lost = seen
+        .acked
+        .iter()
+        .filter(|(t, id)| by_tag.get(*t).is_none_or(|ids| !ids.contains(id)))
+        .count();
+    let refused_present: Vec<_> = seen
+        .refused
+        .iter()
+        .filter(|t| by_tag.contains_key(*t))
+        .collect();
+    assert_eq!(lost, 0, "acknowledged entries lost");
+    assert_eq!(dups, 0, "entries stored more than once");
+    assert!(
+        refused_present.is_empty(),
+        "refused entries stored: {refused_present:?}"
+    );
+    (lost, dups)
+}
