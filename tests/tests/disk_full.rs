@@ -76,6 +76,9 @@ fn a_full_disk_answers_503_and_writes_resume_when_space_frees() {
     let ready = s.get("/readyz");
     assert_eq!(ready.status, 503, "{ready:?}");
 
+    // The producers stop before space is freed: in a release build they would
+    // fill the tmpfs again at once (retention keeps delivered segments for 24 h).
+    load.finish();
     std::fs::remove_file(&ballast).unwrap();
     let r = s.post(
         "/v1/default/entries?wait=delivered",
@@ -92,11 +95,6 @@ fn a_full_disk_answers_503_and_writes_resume_when_space_frees() {
     eventually(Duration::from_secs(10), "ready again", || {
         s.get("/readyz").status == 200
     });
-    let floor = load.acked() + 50;
-    eventually(Duration::from_secs(30), "the producers write again", || {
-        load.acked() >= floor
-    });
-    load.finish();
     let seen = seen.lock().unwrap();
     assert!(
         seen.codes.keys().all(|c| matches!(c, 202 | 503)),

@@ -324,10 +324,29 @@ fn json_error(e: &serde_json::Error, line_offset: usize) -> ApiError {
 /// Deepest JSON nesting accepted (the array around entries counts).
 const MAX_DEPTH: usize = 64;
 
-/// Refuse nesting deeper than [`MAX_DEPTH`] before any recursive parser sees it.
-fn check_depth(body: &[u8], ndjson: bool) -> ApiResult<()> {
+/// One linear pass before any parser sees the body: refuse nesting deeper than
+/// [`MAX_DEPTH`] (a recursive parser would overflow its stack) and more than
+/// `max_entries` entries (parsing a million tiny entries only to refuse them costs
+/// memory in proportion). Entries are counted as top-level array elements (commas
+/// at depth 1) or non-blank NDJSON lines.
+fn prescan(body: &[u8], ndjson: bool, max_entries: usize) -> ApiResult<()> {
     let (mut depth, mut in_str, mut esc, mut line) = (0usize, false, false, 1usize);
+    let mut entries = 0usize;
+    let mut line_counted = false;
+    let mut top_array = false;
+    let too_many = || {
+        ApiError::too_large(format!(
+            "more than {max_entries} entries in one request; limits.max_entries_per_request is {max_entries}"
+        ))
+    };
     for &b in body {
+        if ndjson && !line_counted && !b.is_ascii_whitespace() {
+            line_counted = true;
+            entries += 1;
+            if entries > max_entries {
+                return Err(too_many());
+            }
+        }
         if in_str {
             match (esc, b) {
                 (true, _) => esc = false,
@@ -340,6 +359,9 @@ fn check_depth(body: &[u8], ndjson: bool) -> ApiResult<()> {
         match b {
             b'"' => in_str = true,
             b'[' | b'{' => {
+                if depth == 0 {
+                    top_array = b == b'[';
+                }
                 depth += 1;
                 if depth > MAX_DEPTH {
                     return Err(ApiError::bad(
@@ -351,10 +373,18 @@ fn check_depth(body: &[u8], ndjson: bool) -> ApiResult<()> {
                 }
             }
             b']' | b'}' => depth = depth.saturating_sub(1),
+            b',' if !ndjson && depth == 1 && top_array => {
+                // A separator of the top-level array: one more entry.
+                entries += 1;
+                if entries + 1 > max_entries {
+                    return Err(too_many());
+                }
+            }
             b'\n' => {
                 line += 1;
                 if ndjson {
                     depth = 0; // every NDJSON line is a document of its own
+                    line_counted = false;
                 }
             }
             _ => {}
@@ -364,8 +394,12 @@ fn check_depth(body: &[u8], ndjson: bool) -> ApiResult<()> {
 }
 
 /// Decode the body into the raw JSON text of each entry.
-fn split_entries(body: &[u8], ndjson: bool) -> ApiResult<Vec<(&RawValue, String)>> {
-    check_depth(body, ndjson)?;
+fn split_entries(
+    body: &[u8],
+    ndjson: bool,
+    max_entries: usize,
+) -> ApiResult<Vec<(&RawValue, String)>> {
+    prescan(body, ndjson, max_entries)?;
     if ndjson {
         let mut out = Vec::new();
         for (i, line) in body.split(|b| *b == b'\n').enumerate() {
@@ -477,6 +511,7 @@ mod tests {
         let deep = |n: usize, sep: &str| {
             format!("{}{}", "[".repeat(n), "]".repeat(n)).replace('[', &format!("[{sep}"))
         };
+        let check_depth = |b: &[u8], nd: bool| prescan(b, nd, usize::MAX);
         assert!(check_depth(deep(MAX_DEPTH, "").as_bytes(), false).is_ok());
         assert!(check_depth(deep(MAX_DEPTH + 1, "").as_bytes(), false).is_err());
         assert!(
@@ -486,6 +521,29 @@ mod tests {
         assert!(check_depth(br#"{"s":"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["}"#, false).is_ok());
         let lines = format!("{}\n", deep(MAX_DEPTH, "")).repeat(3);
         assert!(check_depth(lines.as_bytes(), true).is_ok());
+    }
+
+    #[test]
+    fn too_many_entries_are_refused_by_the_prescan_exactly_at_the_limit() {
+        let array = |n: usize| format!("[{}]", vec![r#"{"a":[1,2],"s":","}"#; n].join(","));
+        assert!(prescan(array(3).as_bytes(), false, 3).is_ok());
+        assert_eq!(
+            prescan(array(4).as_bytes(), false, 3)
+                .unwrap_err()
+                .status
+                .as_u16(),
+            413
+        );
+        assert!(prescan(br#"{"a":1,"b":2,"c":3,"d":4}"#, false, 1).is_ok());
+        let nd = |n: usize| format!("\n{}\n  \n", vec![r#"{"a":1,"b":2}"#; n].join("\n"));
+        assert!(prescan(nd(3).as_bytes(), true, 3).is_ok());
+        assert_eq!(
+            prescan(nd(4).as_bytes(), true, 3)
+                .unwrap_err()
+                .status
+                .as_u16(),
+            413
+        );
     }
 }
 
@@ -564,20 +622,13 @@ async fn write(
         }
     };
     let body = read_body(&headers, body, app.cfg.server.max_body_bytes).await?;
-    let raws = split_entries(&body, ndjson)?;
     let limits = &app.cfg.limits;
+    let raws = split_entries(&body, ndjson, limits.max_entries_per_request)?;
     if raws.is_empty() {
         return Err(ApiError::bad(
             "invalid_entry",
             "the request holds no entries",
         ));
-    }
-    if raws.len() > limits.max_entries_per_request {
-        return Err(ApiError::too_large(format!(
-            "{} entries in one request; limits.max_entries_per_request is {}",
-            raws.len(),
-            limits.max_entries_per_request
-        )));
     }
     let header_key = headers
         .get("idempotency-key")
