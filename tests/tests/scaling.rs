@@ -31,11 +31,15 @@ fn two_nodes_share_one_postgres_and_a_killed_node_loses_nothing() {
     la.finish();
     // Node B keeps serving while A is down; A restarts on its own WAL.
     let floor = lb.acked() + 100;
-    eventually(Duration::from_secs(60), "node B serves on", || lb.acked() >= floor);
+    eventually(Duration::from_secs(60), "node B serves on", || {
+        lb.acked() >= floor
+    });
     a.launch();
     let la = Load::start(&a, 2, 4, false, seen.clone());
     let floor = la.acked() + 100;
-    eventually(Duration::from_secs(60), "node A serves again", || la.acked() >= floor);
+    eventually(Duration::from_secs(60), "node A serves again", || {
+        la.acked() >= floor
+    });
     la.finish();
     lb.finish();
 
