@@ -5,7 +5,7 @@ FUZZ_SECONDS ?= 600
 BENCH_DIR ?= $(CURDIR)/target/bench-data
 BENCH_SECONDS ?= 5
 
-.PHONY: run test lint unit chaos api-check bench bench-http bench-client fuzz fuzz-smoke clean
+.PHONY: run test lint unit chaos api-check bench bench-http bench-client bench-peers fuzz fuzz-smoke clean
 
 ## run: build release and serve the embedded default (./spool-data, SQLite, 127.0.0.1:7070)
 run:
@@ -58,6 +58,14 @@ bench-http:
 bench-client:
 	$(CARGO) build --release --locked -p spool-bench -p spool-server
 	bench/client-bench.sh $(BENCH_SECONDS)
+
+## bench-peers: spool vs Postgres commits and Redis appendfsync=always at 1/16/64/256
+## connections, one run; writes docs/benchmarks/peers.json and plots (installs
+## redis-server and matplotlib if missing)
+bench-peers:
+	$(CARGO) build --release --locked -p spool-bench -p spool-server
+	python3 -c "import matplotlib" 2>/dev/null || pip install -q matplotlib
+	bench/peers.py --seconds $(BENCH_SECONDS)
 
 ## fuzz: libFuzzer on the WAL decoder and recovery for FUZZ_SECONDS (cargo-fuzz on stable)
 fuzz:

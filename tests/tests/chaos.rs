@@ -267,18 +267,23 @@ fn poison_entries_are_dead_lettered_with_a_reason_and_requeue_after_the_fix() {
 
 #[test]
 fn sustained_overload_keeps_memory_bounded() {
-    let secs = if full_chaos() { 120 } else { 10 };
+    let secs = if full_chaos() { 120 } else { 5 };
     let mut pg = PgServer::start();
     std::env::set_var("SPOOL_E2E_PG_URL", pg.url());
     let dir = tempfile::tempdir().unwrap();
+    let capacity = if full_chaos() { 20_000 } else { 2_000 };
     let extra = format!(
-        "[queue]\ncapacity = 20000\nbackoff_initial = \"50ms\"\nbackoff_max = \"500ms\"\n{PG_DEST}"
+        "[queue]\ncapacity = {capacity}\nbackoff_initial = \"50ms\"\nbackoff_max = \"500ms\"\n{PG_DEST}"
     );
     let s = Server::start(dir.path(), &extra);
     pg.stop(); // nothing drains: the queue fills and stays full
     let seen = Arc::new(Mutex::new(Seen::default()));
     let load = Load::start(&s, 0, 16, true, seen.clone());
     let rss0 = proc_kib(s.pid(), "VmRSS");
+    // The measured window starts once the queue is full (the first 429).
+    eventually(Duration::from_secs(120), "the queue fills", || {
+        seen.lock().unwrap().codes.contains_key(&429)
+    });
     let t0 = Instant::now();
     let mut samples = Vec::new();
     while t0.elapsed() < Duration::from_secs(secs) {
@@ -294,14 +299,9 @@ fn sustained_overload_keeps_memory_bounded() {
     let peak = proc_kib(s.pid(), "VmHWM");
     load.finish();
     let seen = seen.lock().unwrap();
-    assert!(
-        seen.codes.get(&429).copied().unwrap_or(0) > 0,
-        "never overloaded: {:?}",
-        seen.codes
-    );
     assert_eq!(seen.fivexx(), 0, "{:?}", seen.codes);
-    // A bound with room: the queue holds 20,000 small entries; the server must
-    // not grow with time under overload.
+    // A bound with room: the queue holds up to 20,000 small entries; the server
+    // must not grow with time under overload.
     let second_half_max = samples[samples.len() / 2..]
         .iter()
         .max()
@@ -319,7 +319,7 @@ fn sustained_overload_keeps_memory_bounded() {
     );
     report(json!({
         "scenario": "sustained overload (Postgres down, queue full)",
-        "load": "16 writers (mixed, incl. invalid) + wait=delivered callers",
+        "load": format!("16 writers (mixed, incl. invalid) + wait=delivered callers; queue capacity {capacity}"),
         "cycles": format!("{secs} s"),
         "acknowledged": seen.acked.len(),
         "lost": "—", "duplicates": "—", "5xx": seen.fivexx(),
