@@ -617,7 +617,11 @@ async fn http_bench(b: HttpBench) -> Result<serde_json::Value> {
                 if due >= end {
                     break;
                 }
-                tokio::time::sleep_until(due).await;
+                // Closed loop: no sleep at all — tokio's timer has a 1 ms tick, and
+                // `sleep_until(now)` cost every request up to a millisecond.
+                if per_conn.is_some() && due > tokio::time::Instant::now() {
+                    tokio::time::sleep_until(due).await;
+                }
                 let mut req = hyper::Request::post(path.as_str())
                     .header("host", host.as_str())
                     .header("content-type", "application/json");

@@ -18,6 +18,12 @@ mod metrics;
 mod ops;
 
 use anyhow::{Context, Result};
+
+/// mimalloc instead of glibc malloc: the request path allocates per entry, and
+/// glibc's malloc/free were ~15% of the server's CPU (docs/benchmarks.md).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::{Parser, Subcommand, ValueEnum};
 use config::{Config, ConfigError};
 use std::path::PathBuf;
