@@ -5,7 +5,7 @@ FUZZ_SECONDS ?= 600
 BENCH_DIR ?= $(CURDIR)/target/bench-data
 BENCH_SECONDS ?= 5
 
-.PHONY: run test lint unit chaos api-check bench bench-http bench-client bench-peers fuzz fuzz-smoke clean
+.PHONY: run test lint unit chaos api-check bench bench-http bench-client bench-peers bench-sustained fuzz fuzz-smoke clean
 
 ## run: build release and serve the embedded default (./spool-data, SQLite, 127.0.0.1:7070)
 run:
@@ -66,6 +66,12 @@ bench-peers:
 	$(CARGO) build --release --locked -p spool-bench -p spool-server
 	python3 -c "import matplotlib" 2>/dev/null || pip install -q matplotlib
 	bench/peers.py --seconds $(BENCH_SECONDS)
+
+## bench-sustained: fixed-rate runs (BENCH_SECONDS, 60 for the published figures)
+## with SQLite and Postgres: accepted = delivered with a flat queue, delivery latency
+bench-sustained:
+	$(CARGO) build --release --locked -p spool-bench -p spool-server
+	bench/sustained.py --seconds $(BENCH_SECONDS)
 
 ## fuzz: libFuzzer on the WAL decoder and recovery for FUZZ_SECONDS (cargo-fuzz on stable)
 fuzz:

@@ -2,6 +2,7 @@
 //! its own line, so runs can be compared (see docs/benchmarks.md).
 
 mod client;
+mod scrape;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -113,6 +114,10 @@ enum Cmd {
         /// Payload bytes per entry.
         #[arg(long, default_value_t = 256)]
         record_bytes: usize,
+        /// Also read the server's /metrics: delivered entries/s, queue depth over
+        /// the run, and accept → delivered latency (bucket bounds).
+        #[arg(long)]
+        delivery: bool,
     },
     /// spool-client against a running server: fire-and-forget entries/s, or
     /// ingest_sync latency; with --server-pid, client CPU per entry ÷ server's.
@@ -257,6 +262,7 @@ fn main() -> Result<()> {
             seconds,
             rate,
             record_bytes,
+            delivery,
         } => {
             if connections == 0 || batch == 0 || seconds <= 0.0 || rate.is_some_and(|r| r <= 0.0) {
                 bail!("--connections, --batch, --seconds and --rate must be positive");
@@ -273,6 +279,7 @@ fn main() -> Result<()> {
                 seconds: Duration::from_secs_f64(seconds),
                 rate,
                 record_bytes,
+                delivery,
             };
             println!("{}", rt.block_on(http_bench(spec))?);
             Ok(())
@@ -570,6 +577,7 @@ struct HttpBench {
     seconds: Duration,
     rate: Option<f64>,
     record_bytes: usize,
+    delivery: bool,
 }
 
 #[derive(Default)]
@@ -593,8 +601,24 @@ async fn http_bench(b: HttpBench) -> Result<serde_json::Value> {
     } else {
         format!("[{}]", vec![entry; b.batch].join(","))
     });
+    let before = match b.delivery {
+        true => Some(scrape::scrape(&host, port).await?),
+        false => None,
+    };
     let start = tokio::time::Instant::now();
     let end = start + b.seconds;
+    // Queue depth over the run, every 500 ms.
+    let sampler = b.delivery.then(|| {
+        let host = host.clone();
+        tokio::spawn(async move {
+            let mut depths = Vec::new();
+            while tokio::time::Instant::now() < end {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                depths.push(scrape::scrape(&host, port).await?.depth);
+            }
+            anyhow::Ok(depths)
+        })
+    });
     let mut tasks = Vec::new();
     for c in 0..b.connections {
         let (host, path, body, token) = (host.clone(), path.clone(), body.clone(), b.token.clone());
@@ -655,7 +679,7 @@ async fn http_bench(b: HttpBench) -> Result<serde_json::Value> {
     }
     let secs = start.elapsed().as_secs_f64();
     all.latencies_us.sort_unstable();
-    Ok(json!({
+    let mut out = json!({
         "bench": "http",
         "connections": b.connections,
         "batch": b.batch,
@@ -665,7 +689,21 @@ async fn http_bench(b: HttpBench) -> Result<serde_json::Value> {
         "errors": all.errors,
         "p50_ms": round2(percentile(&all.latencies_us, 0.5) as f64 / 1000.0),
         "p99_ms": round2(percentile(&all.latencies_us, 0.99) as f64 / 1000.0),
-    }))
+    });
+    if let (Some(before), Some(sampler)) = (before, sampler) {
+        let after = scrape::scrape(&host, port).await?;
+        let depths = sampler.await??;
+        let half = depths.len() / 2;
+        let max = |d: &[f64]| d.iter().copied().fold(0.0, f64::max);
+        let ms = |p| scrape::percentile(&before, &after, p).map(|s| round2(s * 1000.0));
+        out["delivered_per_sec"] = json!(((after.delivered - before.delivered) / secs).round());
+        out["queue_depth_max_first_half"] = json!(max(&depths[..half]));
+        out["queue_depth_max_second_half"] = json!(max(&depths[half..]));
+        out["queue_depth_end"] = json!(after.depth);
+        out["delivery_p50_ms_at_most"] = json!(ms(0.5));
+        out["delivery_p99_ms_at_most"] = json!(ms(0.99));
+    }
+    Ok(out)
 }
 
 struct EngineBench {
