@@ -65,10 +65,8 @@ def ensure_debian(binary, package):
 
 # --- spool ------------------------------------------------------------------
 
-def spool_runs(work, sync, conns, seconds, batch):
-    port = free_port()
-    d = os.path.join(work, f"spool-{sync}-{conns}-{batch}")
-    os.makedirs(d)
+def serve(d, port, sync, capacity, destination):
+    """Start a release `spool serve` in `d` (config written there) and wait for it."""
     cfg = os.path.join(d, "spool.toml")
     with open(cfg, "w") as f:
         f.write(f"""[server]
@@ -78,16 +76,27 @@ dir = "{d}/wal"
 sync = "{sync}"
 min_free_bytes = 0
 [queue]
-capacity = 1000000
+capacity = {capacity}
 [[destination]]
 name = "main"
-kind = "sqlite"
-path = "{d}/spool.db"
+{destination}
 """)
     srv = subprocess.Popen([os.path.join(REL, "spool"), "serve", "--config", cfg],
                            env=dict(os.environ, RUST_LOG="warn"))
     try:
         wait_port(port)
+    except BaseException:
+        srv.kill()
+        raise
+    return srv
+
+
+def spool_runs(work, sync, conns, seconds, batch):
+    port = free_port()
+    d = os.path.join(work, f"spool-{sync}-{conns}-{batch}")
+    os.makedirs(d)
+    srv = serve(d, port, sync, 1000000, f'kind = "sqlite"\npath = "{d}/spool.db"')
+    try:
         out = subprocess.run([os.path.join(REL, "spool-bench"), "http", "--url", f"http://127.0.0.1:{port}",
                               "--connections", str(conns), "--batch", str(batch), "--seconds", str(seconds)],
                              check=True, capture_output=True, text=True).stdout

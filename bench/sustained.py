@@ -16,7 +16,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from peers import REL, Postgres, free_port, wait_port  # noqa: E402
+from peers import REL, Postgres, free_port, serve  # noqa: E402
 
 
 def run(work, dest, pg, rate, seconds, n):
@@ -28,23 +28,8 @@ def run(work, dest, pg, rate, seconds, n):
     else:
         pg.psql(f"CREATE DATABASE run{n}")
         destination = f'kind = "postgres"\nurl = "postgres://postgres@127.0.0.1:{pg.port}/run{n}"\npool_size = 8'
-    cfg = os.path.join(d, "spool.toml")
-    with open(cfg, "w") as f:
-        f.write(f"""[server]
-listen = "127.0.0.1:{port}"
-[wal]
-dir = "{d}/wal"
-min_free_bytes = 0
-[queue]
-capacity = 200000
-[[destination]]
-name = "main"
-{destination}
-""")
-    srv = subprocess.Popen([os.path.join(REL, "spool"), "serve", "--config", cfg],
-                           env=dict(os.environ, RUST_LOG="warn"))
+    srv = serve(d, port, "always", 200000, destination)
     try:
-        wait_port(port)
         out = subprocess.run([os.path.join(REL, "spool-bench"), "http", "--url", f"http://127.0.0.1:{port}",
                               "--connections", "64", "--rate", str(rate), "--seconds", str(seconds),
                               "--delivery"], check=True, capture_output=True, text=True).stdout

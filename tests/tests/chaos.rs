@@ -355,15 +355,19 @@ fn corruption_at_rest_a_torn_tail_is_cut_mid_log_damage_stops_and_skip_counts_th
     let wal = dir.path().join("wal");
     let log = dir.path().join("spool.log");
     let mut s = Server::start(dir.path(), "");
-    for i in 0..50 {
-        let r = s.post(
-            "/v1/default/entries",
-            &format!(r#"{{"i":{i},"mark":"entry-{i:04}-{}"}}"#, "p".repeat(500)),
-        );
-        assert_eq!(r.status, 202);
-    }
-    drained(&s, Duration::from_secs(30));
-    assert!(s.terminate().success());
+    // Entries with a findable mark, delivered, then a clean stop.
+    let write_and_stop = |s: &mut Server, range: std::ops::Range<usize>| {
+        for i in range {
+            let r = s.post(
+                "/v1/default/entries",
+                &format!(r#"{{"i":{i},"mark":"entry-{i:04}-{}"}}"#, "p".repeat(500)),
+            );
+            assert_eq!(r.status, 202);
+        }
+        drained(s, Duration::from_secs(30));
+        assert!(s.terminate().success());
+    };
+    write_and_stop(&mut s, 0..50);
 
     // 1. A torn tail (the newest segment cut mid-record): restarts unaided, cut and counted.
     let seg = newest_segment(&wal);
@@ -386,15 +390,7 @@ fn corruption_at_rest_a_torn_tail_is_cut_mid_log_damage_stops_and_skip_counts_th
         "delivered entries stay readable"
     );
     // New writes after the cut.
-    for i in 50..60 {
-        let r = s.post(
-            "/v1/default/entries",
-            &format!(r#"{{"i":{i},"mark":"entry-{i:04}-{}"}}"#, "p".repeat(500)),
-        );
-        assert_eq!(r.status, 202);
-    }
-    drained(&s, Duration::from_secs(30));
-    assert!(s.terminate().success());
+    write_and_stop(&mut s, 50..60);
 
     // 2. A flipped byte inside an entry in the middle of the log: startup stops,
     //    naming segment and offset; the file is untouched.
