@@ -66,6 +66,10 @@ fn a_full_disk_answers_503_and_writes_resume_when_space_frees() {
         }
     }
     let r = refused.expect("the disk never filled");
+    // The producers stop here: a smaller entry of theirs could still fit and clear
+    // /readyz's `wal` check (it reports the last append), and once space is freed
+    // they would fill the tmpfs again at once (retention keeps 24 h of history).
+    load.finish();
     assert_eq!(
         (r.status, r.body["error"].as_str()),
         (503, Some("unavailable")),
@@ -73,12 +77,13 @@ fn a_full_disk_answers_503_and_writes_resume_when_space_frees() {
     );
     assert!(r.header("retry-after").is_some(), "{r:?}");
     assert!(!acked.is_empty());
+    // With the producers stopped, the next large entry is the last append: it
+    // fails again, and /readyz reports it.
+    let again = s.post("/v1/default/entries", &format!(r#"{{"again":"{pad}"}}"#));
+    assert_eq!(again.status, 503, "{again:?}");
     let ready = s.get("/readyz");
     assert_eq!(ready.status, 503, "{ready:?}");
 
-    // The producers stop before space is freed: in a release build they would
-    // fill the tmpfs again at once (retention keeps delivered segments for 24 h).
-    load.finish();
     std::fs::remove_file(&ballast).unwrap();
     let r = s.post(
         "/v1/default/entries?wait=delivered",
