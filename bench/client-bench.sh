@@ -6,29 +6,15 @@
 set -euo pipefail
 secs=${1:-8}
 root=$(cd "$(dirname "$0")/.." && pwd)
+source "$root/bench/serve.sh"
 work=$(mktemp -d)
 port=7172
 pid=
 trap '[ -n "$pid" ] && kill -TERM $pid 2>/dev/null; rm -rf "$work"' EXIT
 for run in "fire 64 5" "fire 64 0" "sync 64 5" "sync 64 0" "sync 1 5" "sync 1 0"; do
   set -- $run
-  rm -rf "$work/data"; mkdir -p "$work/data"
-  cat > "$work/spool.toml" <<TOML
-[server]
-listen = "127.0.0.1:$port"
-[wal]
-dir = "$work/data/wal"
-min_free_bytes = 0
-[queue]
-capacity = 100000
-[[destination]]
-name = "main"
-kind = "sqlite"
-path = "$work/data/spool.db"
-TOML
-  RUST_LOG=warn "$root/target/release/spool" serve --config "$work/spool.toml" & pid=$!
-  for _ in $(seq 100); do curl -sf "127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done
+  start_spool "$work/data" $port always
   "$root/target/release/spool-bench" client --url "http://127.0.0.1:$port" --mode "$1" \
     --producers "$2" --seconds "$secs" --server-pid "$pid" --max-delay-ms "$3"
-  kill -TERM $pid; wait $pid; pid=
+  stop_spool
 done

@@ -5,31 +5,17 @@
 set -euo pipefail
 secs=${1:-8}
 root=$(cd "$(dirname "$0")/.." && pwd)
+source "$root/bench/serve.sh"
 work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
 port=7171
+pid=
+trap '[ -n "$pid" ] && kill -TERM $pid 2>/dev/null; rm -rf "$work"' EXIT
 for mode in always never; do
   for shape in "64 1" "64 100" "16 100"; do
     set -- $shape
-    rm -rf "$work/$mode"; mkdir -p "$work/$mode"
-    cat > "$work/$mode.toml" <<TOML
-[server]
-listen = "127.0.0.1:$port"
-[wal]
-dir = "$work/$mode/wal"
-sync = "$mode"
-min_free_bytes = 0
-[queue]
-capacity = 100000
-[[destination]]
-name = "main"
-kind = "sqlite"
-path = "$work/$mode/spool.db"
-TOML
-    RUST_LOG=warn "$root/target/release/spool" serve --config "$work/$mode.toml" & pid=$!
-    for _ in $(seq 100); do curl -sf "127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done
+    start_spool "$work/$mode" $port $mode
     "$root/target/release/spool-bench" http --url "http://127.0.0.1:$port" --connections "$1" --batch "$2" --seconds "$secs" \
       | sed "s/^{/{\"sync\":\"$mode\",/"
-    kill -TERM $pid; wait $pid
+    stop_spool
   done
 done

@@ -19,9 +19,7 @@ use std::time::{Duration, Instant};
 
 /// What to run.
 pub struct ClientBench {
-    pub url: String,
-    pub source: String,
-    pub token: Option<String>,
+    pub target: crate::Target,
     pub mode: String,
     pub producers: usize,
     pub seconds: Duration,
@@ -72,8 +70,8 @@ impl Cpu {
 pub async fn client_bench(b: ClientBench) -> Result<serde_json::Value> {
     let lost = Arc::new(AtomicU64::new(0));
     let (l1, l2) = (lost.clone(), lost.clone());
-    let mut builder = Client::builder(&b.url)
-        .source(&b.source)
+    let mut builder = Client::builder(&b.target.url)
+        .source(&b.target.source)
         .on_full(FullPolicy::Wait(Duration::from_secs(60)))
         .on_drop(move |_, _| {
             l1.fetch_add(1, Ordering::Relaxed);
@@ -87,7 +85,7 @@ pub async fn client_bench(b: ClientBench) -> Result<serde_json::Value> {
     if let Some(n) = b.in_flight {
         builder = builder.max_in_flight(n);
     }
-    if let Some(t) = &b.token {
+    if let Some(t) = &b.target.token {
         builder = builder.token(t);
     }
     let client = builder.build().map_err(anyhow::Error::msg)?;

@@ -25,6 +25,20 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// The running server a load goes to.
+#[derive(clap::Args, Clone)]
+pub struct Target {
+    /// Server base URL, e.g. http://127.0.0.1:7070.
+    #[arg(long)]
+    pub url: String,
+    /// Source to post to.
+    #[arg(long, default_value = "default")]
+    pub source: String,
+    /// Bearer token of the source.
+    #[arg(long)]
+    pub token: Option<String>,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Concurrent durable appends to the WAL (group commit), per appender count.
@@ -89,15 +103,8 @@ enum Cmd {
     },
     /// HTTP ingest against a running server: closed loop, or open loop with --rate.
     Http {
-        /// Server base URL, e.g. http://127.0.0.1:7070.
-        #[arg(long)]
-        url: String,
-        /// Source to post to.
-        #[arg(long, default_value = "default")]
-        source: String,
-        /// Bearer token of the source.
-        #[arg(long)]
-        token: Option<String>,
+        #[command(flatten)]
+        target: Target,
         /// Concurrent keep-alive connections.
         #[arg(long, default_value_t = 64)]
         connections: usize,
@@ -122,15 +129,8 @@ enum Cmd {
     /// spool-client against a running server: fire-and-forget entries/s, or
     /// ingest_sync latency; with --server-pid, client CPU per entry ÷ server's.
     Client {
-        /// Server base URL, e.g. http://127.0.0.1:7070.
-        #[arg(long)]
-        url: String,
-        /// Source to post to.
-        #[arg(long, default_value = "default")]
-        source: String,
-        /// Bearer token of the source.
-        #[arg(long)]
-        token: Option<String>,
+        #[command(flatten)]
+        target: Target,
         /// `fire` (ingest, then close) or `sync` (ingest_sync of one entry per call).
         #[arg(long, default_value = "fire", value_parser = ["fire", "sync"])]
         mode: String,
@@ -254,9 +254,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Http {
-            url,
-            source,
-            token,
+            target,
             connections,
             batch,
             seconds,
@@ -271,9 +269,7 @@ fn main() -> Result<()> {
                 .enable_all()
                 .build()?;
             let spec = HttpBench {
-                url,
-                source,
-                token,
+                target,
                 connections,
                 batch,
                 seconds: Duration::from_secs_f64(seconds),
@@ -285,9 +281,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Client {
-            url,
-            source,
-            token,
+            target,
             mode,
             producers,
             seconds,
@@ -303,9 +297,7 @@ fn main() -> Result<()> {
                 .enable_all()
                 .build()?;
             let spec = client::ClientBench {
-                url,
-                source,
-                token,
+                target,
                 mode,
                 producers,
                 seconds: Duration::from_secs_f64(seconds),
@@ -569,9 +561,7 @@ async fn bench_destination(
 }
 
 struct HttpBench {
-    url: String,
-    source: String,
-    token: Option<String>,
+    target: Target,
     connections: usize,
     batch: usize,
     seconds: Duration,
@@ -591,10 +581,10 @@ struct HttpCounts {
 /// One keep-alive HTTP/1.1 connection per task (hyper's connection API: no pool,
 /// so the client adds as little as possible to what is measured).
 async fn http_bench(b: HttpBench) -> Result<serde_json::Value> {
-    let uri: hyper::Uri = b.url.parse().context("--url")?;
+    let uri: hyper::Uri = b.target.url.parse().context("--url")?;
     let host = uri.host().context("--url needs a host")?.to_owned();
     let port = uri.port_u16().unwrap_or(80);
-    let path = format!("/v1/{}/entries", b.source);
+    let path = format!("/v1/{}/entries", b.target.source);
     let entry = String::from_utf8(payload(b.record_bytes))?;
     let body = bytes::Bytes::from(if b.batch == 1 {
         entry
@@ -621,7 +611,12 @@ async fn http_bench(b: HttpBench) -> Result<serde_json::Value> {
     });
     let mut tasks = Vec::new();
     for c in 0..b.connections {
-        let (host, path, body, token) = (host.clone(), path.clone(), body.clone(), b.token.clone());
+        let (host, path, body, token) = (
+            host.clone(),
+            path.clone(),
+            body.clone(),
+            b.target.token.clone(),
+        );
         let per_conn = b.rate.map(|r| r / b.connections as f64);
         let batch = b.batch as u64;
         tasks.push(tokio::spawn(async move {

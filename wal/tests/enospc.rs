@@ -8,32 +8,9 @@
 mod common;
 
 use common::*;
+use spool_testkit::Tmpfs;
 use spool_wal::{Wal, WalConfig, WalError};
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
-struct Mount(PathBuf);
-
-impl Mount {
-    fn tmpfs(size: &str) -> Option<(tempfile::TempDir, Mount)> {
-        let dir = tempfile::tempdir().unwrap();
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .status()
-            .is_ok_and(|s| s.success());
-        ok.then(|| {
-            let m = Mount(dir.path().to_owned());
-            (dir, m)
-        })
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
+use std::path::Path;
 
 fn fill(path: &Path, bytes: usize) {
     std::fs::write(path, vec![0u8; bytes]).unwrap();
@@ -41,11 +18,7 @@ fn fill(path: &Path, bytes: usize) {
 
 #[tokio::test]
 async fn a_full_disk_fails_appends_cleanly_and_they_resume_when_space_returns() {
-    let Some((dir, _mount)) = Mount::tmpfs("1m") else {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("cannot mount a tmpfs to provoke ENOSPC (needs root)");
-        }
-        eprintln!("SKIPPED: cannot mount a tmpfs here (needs root)");
+    let Some(dir) = Tmpfs::mount_or_skip("1m") else {
         return;
     };
     let waldir = dir.path().join("wal");

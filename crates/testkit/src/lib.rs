@@ -1,4 +1,4 @@
-//! # spool-testkit — a throwaway PostgreSQL server for tests and benchmarks
+//! # spool-testkit — a throwaway PostgreSQL server (and a tmpfs) for tests and benchmarks
 //!
 //! `PgServer::start()` runs `initdb` into a temp dir with the PostgreSQL binaries
 //! of this machine (`$SPOOL_PG_BINDIR`, `pg_config --bindir`, or the newest
@@ -350,5 +350,52 @@ extern "C" fn stop_shared_at_exit() {
             // The postgres child is reaped by init once we exit; the data goes now.
             let _ = std::fs::remove_dir_all(dir);
         }
+    }
+}
+
+/// A small tmpfs mounted on a temp dir (root only), unmounted on drop: how the
+/// tests provoke a real full disk (ENOSPC).
+pub struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    /// Mount a tmpfs of `size` (e.g. `"2m"`), or `None` where mounting fails.
+    pub fn mount(size: &str) -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().ok()?;
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(Tmpfs(dir))
+    }
+
+    /// [`Tmpfs::mount`], or — where mounting is impossible — panic under
+    /// `CI=true` (a full-disk test must not silently skip there) and otherwise
+    /// say SKIPPED and give `None`.
+    pub fn mount_or_skip(size: &str) -> Option<Tmpfs> {
+        let fs = Tmpfs::mount(size);
+        if fs.is_none() {
+            assert_ne!(
+                std::env::var("CI").as_deref(),
+                Ok("true"),
+                "cannot mount a tmpfs to provoke a full disk (needs root)"
+            );
+            eprintln!("SKIPPED: cannot mount a tmpfs here (needs root)");
+        }
+        fs
+    }
+
+    /// Where it is mounted.
+    pub fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.0.path())
+            .status();
     }
 }
