@@ -388,7 +388,11 @@ fn wal_bench(
 ) -> Result<serde_json::Value> {
     let dir = fresh_dir(base, &format!("wal-{appenders}"))?;
     let counts = Arc::new(Counts::default());
-    let wal = Wal::open_with_observer(&dir, cfg.clone(), counts.clone())?;
+    let hooks = spool_wal::WalHooks {
+        observer: counts.clone(),
+        ..Default::default()
+    };
+    let wal = Wal::open_with(&dir, cfg.clone(), hooks)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

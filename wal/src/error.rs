@@ -2,9 +2,11 @@
 
 use std::io;
 use std::path::PathBuf;
+use std::sync::Arc;
 
-/// Everything that can go wrong in the WAL, with the facts policy needs.
-#[derive(Debug, thiserror::Error)]
+/// Everything that can go wrong in the WAL, with the facts policy needs. Cheap to
+/// clone: one failed group write answers every appender of the group with it.
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum WalError {
     /// An I/O error other than running out of space.
@@ -14,7 +16,7 @@ pub enum WalError {
         path: PathBuf,
         /// The OS error.
         #[source]
-        source: io::Error,
+        source: Arc<io::Error>,
     },
     /// The filesystem is full (ENOSPC/EDQUOT). Nothing of the failed append
     /// remains on disk; appends work again once space returns.
@@ -74,7 +76,10 @@ impl WalError {
         let path = path.into();
         match source.raw_os_error() {
             Some(libc::ENOSPC) | Some(libc::EDQUOT) => WalError::NoSpace { path },
-            _ => WalError::Io { path, source },
+            _ => WalError::Io {
+                path,
+                source: Arc::new(source),
+            },
         }
     }
 

@@ -10,7 +10,14 @@ use uuid::Uuid;
 /// First eight bytes of every segment file.
 pub const SEGMENT_MAGIC: [u8; 8] = *b"SPOOLWAL";
 /// Version of the segment and record format written by this build.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
+/// Oldest format version this build reads (version 1 has no [`FRAME_FLAG_SYNCED`]
+/// and no segment list in its checkpoints; both read as absent).
+pub const MIN_READ_VERSION: u32 = 1;
+/// High bit of a frame's kind byte: every byte before this frame in its segment
+/// was durable (fdatasynced) when the frame was written. Recovery uses it to tell
+/// the last unsynced write (a torn tail, whatever its shape) from synced history.
+pub const FRAME_FLAG_SYNCED: u8 = 0x80;
 /// Size of the segment header: magic(8) version(4) flags(4) first_lsn(8) reserved(4) crc(4).
 pub const SEGMENT_HEADER_LEN: usize = 32;
 /// Size of a record frame header: len(4) crc(4) kind(1) lsn(8).
@@ -109,6 +116,11 @@ pub struct Checkpoint {
     pub pending: Vec<(u64, u64)>,
     /// Dead letters.
     pub dead: Vec<DeadRef>,
+    /// First LSNs of the segments that existed before this checkpoint's own, oldest
+    /// first: the segment holding a listed LSN is the greatest of these not above it,
+    /// even after retention deleted segments in between. `None` in a version-1
+    /// checkpoint (recovery then maps by the files present).
+    pub segments: Option<Vec<u64>>,
 }
 
 /// A dead letter as a checkpoint records it.
@@ -160,21 +172,38 @@ pub fn decode_segment_header(buf: &[u8]) -> Result<u64, HeaderError> {
         return Err(HeaderError::Invalid("bad segment magic"));
     }
     let version = u32::from_le_bytes(buf[8..12].try_into().unwrap());
-    if version != FORMAT_VERSION {
+    if !(MIN_READ_VERSION..=FORMAT_VERSION).contains(&version) {
         return Err(HeaderError::Version(version));
     }
     Ok(u64::from_le_bytes(buf[16..24].try_into().unwrap()))
 }
 
+/// The format version of a segment header that [`decode_segment_header`] accepted.
+pub fn segment_header_version(buf: &[u8]) -> u32 {
+    u32::from_le_bytes(buf[8..12].try_into().unwrap())
+}
+
 /// Append a complete frame (header + body) for `kind`/`lsn` to `out`.
 pub fn encode_frame(out: &mut Vec<u8>, kind: Kind, lsn: u64, body: &[u8]) {
+    encode_frame_flagged(out, kind, false, lsn, body)
+}
+
+/// [`encode_frame`], with [`FRAME_FLAG_SYNCED`] set when `synced_before`.
+pub fn encode_frame_flagged(
+    out: &mut Vec<u8>,
+    kind: Kind,
+    synced_before: bool,
+    lsn: u64,
+    body: &[u8],
+) {
+    let kind_byte = kind as u8 | if synced_before { FRAME_FLAG_SYNCED } else { 0 };
     let mut h = crc32fast::Hasher::new();
-    h.update(&[kind as u8]);
+    h.update(&[kind_byte]);
     h.update(&lsn.to_le_bytes());
     h.update(body);
     out.extend_from_slice(&(body.len() as u32).to_le_bytes());
     out.extend_from_slice(&h.finalize().to_le_bytes());
-    out.push(kind as u8);
+    out.push(kind_byte);
     out.extend_from_slice(&lsn.to_le_bytes());
     out.extend_from_slice(body);
 }
@@ -188,6 +217,8 @@ pub struct Frame<'a> {
     pub lsn: u64,
     /// Record body (not yet decoded).
     pub body: &'a [u8],
+    /// [`FRAME_FLAG_SYNCED`] was set: everything before it was durable when written.
+    pub synced_before: bool,
 }
 
 impl Frame<'_> {
@@ -231,7 +262,7 @@ pub fn parse_frame(buf: &[u8]) -> FrameParse<'_> {
     if crc32fast::hash(&buf[8..end]) != crc {
         return FrameParse::Bad("record checksum mismatch");
     }
-    let Some(kind) = Kind::from_u8(buf[8]) else {
+    let Some(kind) = Kind::from_u8(buf[8] & !FRAME_FLAG_SYNCED) else {
         return FrameParse::Bad("unknown record kind");
     };
     let lsn = u64::from_le_bytes(buf[9..17].try_into().unwrap());
@@ -239,6 +270,7 @@ pub fn parse_frame(buf: &[u8]) -> FrameParse<'_> {
         kind,
         lsn,
         body: &buf[FRAME_HEADER_LEN..end],
+        synced_before: buf[8] & FRAME_FLAG_SYNCED != 0,
     })
 }
 
@@ -290,7 +322,8 @@ pub fn encode_failed(lsn: u64, attempts: u32, reason: &str, out: &mut Vec<u8>) {
 }
 
 /// Encode a CHECKPOINT body: pending_count(u32) × {lsn(u64) offset(u64)}, then
-/// dead_count(u32) × {lsn(u64) offset(u64) attempts(u32) reason(str32)}.
+/// dead_count(u32) × {lsn(u64) offset(u64) attempts(u32) reason(str32)}, then
+/// (version 2) segment_count(u32) × first_lsn(u64).
 pub fn encode_checkpoint(c: &Checkpoint, out: &mut Vec<u8>) {
     out.reserve(8 + c.pending.len() * 16 + c.dead.len() * 32);
     out.extend_from_slice(&(c.pending.len() as u32).to_le_bytes());
@@ -304,6 +337,9 @@ pub fn encode_checkpoint(c: &Checkpoint, out: &mut Vec<u8>) {
         out.extend_from_slice(&d.offset.to_le_bytes());
         out.extend_from_slice(&d.attempts.to_le_bytes());
         put_bytes32(out, d.reason.as_bytes());
+    }
+    if let Some(segs) = &c.segments {
+        encode_lsns(segs, out);
     }
 }
 
@@ -506,7 +542,22 @@ pub fn decode_record(kind: Kind, body: &[u8]) -> Result<Record, BodyError> {
                     reason: c.str32()?.to_owned(),
                 });
             }
-            Record::Checkpoint(Checkpoint { pending, dead })
+            // Version 1 ends here; version 2 appends the segment list.
+            let segments = if c.buf.is_empty() {
+                None
+            } else {
+                let n = c.count(8)?;
+                let mut v = Vec::with_capacity(n);
+                for _ in 0..n {
+                    v.push(c.u64()?);
+                }
+                Some(v)
+            };
+            Record::Checkpoint(Checkpoint {
+                pending,
+                dead,
+                segments,
+            })
         }
     };
     c.end()?;
@@ -580,7 +631,9 @@ mod tests {
                     attempts: 3,
                     reason: "x".into(),
                 }],
+                segments: Some(vec![1, 5]),
             }),
+            Record::Checkpoint(Checkpoint::default()),
         ];
         let mut buf = Vec::new();
         for (i, r) in records.iter().enumerate() {
@@ -651,6 +704,8 @@ mod tests {
             let want = match name {
                 "SEGMENT_MAGIC" => std::str::from_utf8(&SEGMENT_MAGIC).unwrap().to_owned(),
                 "FORMAT_VERSION" => FORMAT_VERSION.to_string(),
+                "MIN_READ_VERSION" => MIN_READ_VERSION.to_string(),
+                "FRAME_FLAG_SYNCED" => FRAME_FLAG_SYNCED.to_string(),
                 "SEGMENT_HEADER_LEN" => SEGMENT_HEADER_LEN.to_string(),
                 "FRAME_HEADER_LEN" => FRAME_HEADER_LEN.to_string(),
                 "SEGMENT_NAME_DIGITS" => SEGMENT_NAME_DIGITS.to_string(),
@@ -665,7 +720,7 @@ mod tests {
             assert_eq!(value, want, "docs/wal-format.md: {name}");
             seen += 1;
         }
-        assert_eq!(seen, 11, "constants table incomplete");
+        assert_eq!(seen, 13, "constants table incomplete");
         // The header tables' sizes add up to the constants.
         assert_eq!(encode_segment_header(1).len(), SEGMENT_HEADER_LEN);
         let mut f = Vec::new();

@@ -7,7 +7,7 @@ use crate::config::OnCorruption;
 use crate::error::{Result, WalError};
 use crate::format::{self, Kind, Record};
 use crate::recovery::TornTail;
-use crate::scan::{self, End};
+use crate::segment::{self, End, Walker};
 use crate::state::{State, Tracked};
 use crate::wal::lock_dir;
 use std::path::Path;
@@ -55,35 +55,33 @@ fn full_scan(dir: &Path, state: &mut State) -> Result<VerifyReport> {
         )));
     }
     let _lock = lock_dir(dir)?;
-    let segs = scan::list_segments(dir)?;
+    let segs = segment::list_segments(dir)?;
     let mut report = VerifyReport {
         segments: segs.len(),
         ..Default::default()
     };
-    let mut prev = 0;
-    for (i, seg) in segs.iter().enumerate() {
-        let buf = scan::read_segment(seg)?;
-        report.bytes += buf.len() as u64;
-        state.segments.insert(
-            seg.first_lsn,
-            crate::state::SegInfo {
-                bytes: buf.len() as u64,
-                live: 0,
-                modified: std::time::SystemTime::now(),
-            },
-        );
-        let newest = i + 1 == segs.len();
-        let walk = scan::walk_segment(seg, &buf, prev, newest, OnCorruption::Stop, |off, f| {
-            state.apply(off, f.lsn, f.kind, f.body)
-        });
-        match walk {
+    let mut walker = Walker::new(segs, 0, OnCorruption::Stop);
+    loop {
+        let Some(seg) = walker.peek().cloned() else {
+            break;
+        };
+        let walked = walker.next_segment(|off, f| state.apply(off, f.lsn, f.kind, f.body));
+        match walked.expect("peeked a segment") {
             Ok(w) => {
-                prev = w.last_lsn.unwrap_or(prev);
-                if let End::Torn { offset } = w.end {
+                report.bytes += w.bytes;
+                state.segments.insert(
+                    seg.first_lsn,
+                    crate::state::SegInfo {
+                        bytes: w.bytes,
+                        live: 0,
+                        modified: std::time::SystemTime::now(),
+                    },
+                );
+                if let End::Torn { offset, .. } = w.walk.end {
                     report.torn_tail = Some(TornTail {
                         segment: seg.name.clone(),
                         offset,
-                        bytes: buf.len() as u64 - offset,
+                        bytes: w.bytes - offset,
                     });
                 }
             }
@@ -92,6 +90,7 @@ fn full_scan(dir: &Path, state: &mut State) -> Result<VerifyReport> {
                 offset,
                 reason,
             }) => {
+                report.bytes += std::fs::metadata(&seg.path).map_or(0, |m| m.len());
                 report.damage = Some(Damage {
                     segment,
                     offset,

@@ -18,18 +18,27 @@
 //! - **Only the newest segment can have a torn tail.** A segment is fdatasynced
 //!   before the next one is created, and a new segment (header + checkpoint) is
 //!   fdatasynced, with its directory, before anything is appended to it.
-//! - **A failed write leaves nothing.** The file is cut back to where the group
-//!   began; the appenders get the error (`NoSpace` for a full disk) and the WAL
-//!   works again once space returns. A failed `fdatasync` poisons the handle.
+//! - **No entry is both refused and durable.** A failed write is cut back to
+//!   where it began and the cut is fdatasynced; only that write's appenders get the
+//!   error (`NoSpace` for a full disk), and the WAL works again once space returns.
+//!   Every successful fdatasync answers all it covered at once. A failed
+//!   `fdatasync` refuses every append not yet answered and poisons the handle.
+//! - **The visible LSN never runs ahead of what is durable**, and a record takes
+//!   effect in the state only once it is.
+//! - **A crash alone never stops startup.** Each frame says whether everything
+//!   before it was synced when it was written; damage that no later such frame
+//!   vouches for is the last unsynced write — a torn tail, cut off and reported.
 //! - **Recovery reads little.** Every rotated segment begins with a CHECKPOINT of
 //!   the undelivered set; recovery starts at the newest one and reads older
 //!   segments only at the offsets the checkpoint names.
 //! - **Damage is never silent.** A torn tail of the newest segment is cut off and
 //!   reported; damage anywhere else stops [`Wal::open`] with segment and offset,
 //!   unless `on_corruption = "skip"`, which skips it and counts the loss.
-//! - **Retention never drops a pending entry.** A sealed segment goes only when
-//!   every entry in it is delivered or dead, and it is older than the retention
-//!   (or the quota forces it).
+//! - **Retention never drops a pending entry or a dead letter.** A sealed segment
+//!   goes only when every entry in it is delivered, and it is older than the
+//!   retention (or the quota forces it) — after the markers that freed it are synced.
+//! - **All segment writes go through one seam** ([`io::WalIo`]), so tests inject
+//!   failing writes, syncs and power loss (feature `fault-injection`, [`fault`]).
 //!
 //! ## Files
 //! ```text
@@ -55,13 +64,17 @@
 pub mod config;
 pub mod entry;
 pub mod error;
+#[cfg(feature = "fault-injection")]
+pub mod fault;
 pub mod format;
 pub mod inspect;
+pub mod io;
 pub mod reader;
 mod recovery;
-mod scan;
+mod segment;
 mod state;
 mod wal;
+mod writer;
 
 pub use config::{OnCorruption, SyncMode, WalConfig};
 pub use entry::{now_us, Entry, LoggedEntry};
@@ -70,7 +83,7 @@ pub use format::{Kind, Record, FORMAT_VERSION};
 pub use reader::Reader;
 pub use recovery::{RecoveryReport, TornTail};
 pub use state::Tracked;
-pub use wal::{DeadLetter, EntryStatus, RetentionReport, Wal, WalObserver, WalStatus};
+pub use wal::{DeadLetter, EntryStatus, RetentionReport, Wal, WalHooks, WalObserver, WalStatus};
 
 #[doc(hidden)]
 /// Entry points for the fuzz targets; not a stable API.
@@ -96,7 +109,7 @@ pub mod fuzzing {
     /// Recover a directory holding the given segment images, both policies.
     pub fn recover_dir(dir: &std::path::Path) {
         for policy in [OnCorruption::Stop, OnCorruption::Skip] {
-            let _ = crate::recovery::recover(dir, policy, false);
+            let _ = crate::recovery::recover(dir, policy, None);
         }
         let _ = crate::inspect::verify(dir);
     }

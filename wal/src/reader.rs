@@ -1,9 +1,9 @@
 //! Sequential reading of records from an LSN on, for redrive and operator replay.
 
 use crate::config::OnCorruption;
-use crate::error::{Result, WalError};
+use crate::error::Result;
 use crate::format::{self, Record};
-use crate::scan::{self, SegmentFile};
+use crate::segment::{self, Walker};
 use std::collections::VecDeque;
 use std::path::PathBuf;
 
@@ -17,9 +17,7 @@ pub struct Reader {
     from: u64,
     upto: u64,
     policy: OnCorruption,
-    segs: Option<Vec<SegmentFile>>,
-    next_seg: usize,
-    prev_lsn: u64,
+    walker: Option<Walker>,
     ready: VecDeque<(u64, Record)>,
     done: bool,
 }
@@ -31,57 +29,40 @@ impl Reader {
             from,
             upto,
             policy,
-            segs: None,
-            next_seg: 0,
-            prev_lsn: 0,
+            walker: None,
             ready: VecDeque::new(),
             done: false,
         }
     }
 
-    /// Read a WAL directory that no process has open (the offline tools). Takes the
-    /// directory lock for the reader's lifetime is *not* done here; see `inspect`.
+    /// Read a WAL directory that no process has open (the offline tools). Taking
+    /// the directory lock is the caller's business; see `inspect`.
     pub fn open_dir(dir: impl Into<PathBuf>, from: u64) -> Reader {
         Reader::new(dir.into(), from, u64::MAX, OnCorruption::Stop)
     }
 
     fn fill(&mut self) -> Result<()> {
-        if self.segs.is_none() {
-            let segs = scan::list_segments(&self.dir)?;
+        if self.walker.is_none() {
+            let segs = segment::list_segments(&self.dir)?;
             // Start at the segment holding `from`.
-            self.next_seg = segs
+            let start = segs
                 .partition_point(|s| s.first_lsn <= self.from)
                 .saturating_sub(1);
-            self.segs = Some(segs);
+            self.walker = Some(Walker::new(segs, start, self.policy).skipping_missing());
         }
-        let segs = self.segs.as_ref().expect("listed above");
-        while self.ready.is_empty() && self.next_seg < segs.len() {
-            let seg = &segs[self.next_seg];
-            let newest = self.next_seg + 1 == segs.len();
-            self.next_seg += 1;
-            if seg.first_lsn > self.upto {
-                break;
-            }
-            let buf = match scan::read_segment(seg) {
-                Ok(b) => b,
-                Err(WalError::Io { source, .. })
-                    if source.kind() == std::io::ErrorKind::NotFound =>
-                {
-                    continue
-                }
-                Err(e) => return Err(e),
-            };
-            let (from, upto) = (self.from, self.upto);
+        let walker = self.walker.as_mut().expect("made above");
+        let (from, upto) = (self.from, self.upto);
+        while self.ready.is_empty() && walker.peek().is_some_and(|s| s.first_lsn <= upto) {
             let ready = &mut self.ready;
-            let walk =
-                scan::walk_segment(seg, &buf, self.prev_lsn, newest, self.policy, |_, f| {
-                    if f.lsn >= from && f.lsn <= upto {
-                        ready.push_back((f.lsn, format::decode_record(f.kind, f.body)?));
-                    }
-                    Ok(())
-                })?;
-            if let Some(l) = walk.last_lsn {
-                self.prev_lsn = l;
+            let walked = walker.next_segment(|_, f| {
+                if f.lsn >= from && f.lsn <= upto {
+                    ready.push_back((f.lsn, format::decode_record(f.kind, f.body)?));
+                }
+                Ok(())
+            });
+            match walked {
+                Some(Err(e)) => return Err(e),
+                Some(Ok(_)) | None => {}
             }
         }
         Ok(())

@@ -3,7 +3,10 @@
 //! 1. Find the newest segment whose first record is a CHECKPOINT (every rotated
 //!    segment starts with one). Without one, start from the oldest segment.
 //! 2. Load the entries the checkpoint lists from the older segments, reading only
-//!    the frames at the offsets it names.
+//!    the frames at the offsets it names. The checkpoint's segment list says which
+//!    segment holds each; an entry whose segment is gone is delivered if a later
+//!    DELIVERED record says so (retention deletes a segment only after syncing the
+//!    markers that freed it), and lost otherwise.
 //! 3. Walk every frame from that segment on, applying each to the state.
 //! 4. A torn tail of the newest segment is truncated (or its file removed when even
 //!    its header is incomplete); the next LSN skips every LSN the torn bytes could
@@ -12,11 +15,10 @@
 use crate::config::OnCorruption;
 use crate::error::{Result, WalError};
 use crate::format::{self, Checkpoint, FrameParse, Kind, Record, FRAME_HEADER_LEN};
-use crate::scan::{self, End, SegmentFile};
+use crate::io::WalIo;
+use crate::segment::{self, End, FrameReader, SegmentFile, Walker};
 use crate::state::{SegInfo, State, Tracked};
-use std::collections::BTreeMap;
-use std::fs::File;
-use std::io::Read;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -66,30 +68,22 @@ pub struct TornTail {
 pub(crate) struct Recovered {
     pub state: State,
     pub report: RecoveryReport,
-    /// The newest segment and its valid length, if one remains.
-    pub active: Option<(SegmentFile, u64)>,
+    /// The newest segment, its valid length and its format version, if one remains.
+    pub active: Option<(SegmentFile, u64, u32)>,
     pub next_lsn: u64,
 }
 
 /// Read the first frame of a segment if it is a CHECKPOINT with the segment's first LSN.
 fn read_head_checkpoint(seg: &SegmentFile) -> Option<Checkpoint> {
-    let mut f = File::open(&seg.path).ok()?;
-    let len = f.metadata().ok()?.len();
-    let mut head = [0u8; format::SEGMENT_HEADER_LEN + FRAME_HEADER_LEN];
-    f.read_exact(&mut head).ok()?;
-    if format::decode_segment_header(&head).ok()? != seg.first_lsn {
+    let mut r = FrameReader::open(seg).ok()?;
+    if format::decode_segment_header(r.bytes_at(0, format::SEGMENT_HEADER_LEN).ok()?).ok()?
+        != seg.first_lsn
+    {
         return None;
     }
-    let body_len = u32::from_le_bytes(head[32..36].try_into().unwrap()) as u64;
-    if head[40] != Kind::Checkpoint as u8 || body_len > len.saturating_sub(head.len() as u64) {
-        return None;
-    }
-    let mut frame = head[32..].to_vec();
-    frame.resize(FRAME_HEADER_LEN + body_len as usize, 0);
-    f.read_exact(&mut frame[FRAME_HEADER_LEN..]).ok()?;
-    match format::parse_frame(&frame) {
-        FrameParse::Ok(fr) if fr.lsn == seg.first_lsn => {
-            match format::decode_record(fr.kind, fr.body) {
+    match r.frame_at(format::SEGMENT_HEADER_LEN as u64).ok()? {
+        FrameParse::Ok(f) if f.lsn == seg.first_lsn && f.kind == Kind::Checkpoint => {
+            match format::decode_record(f.kind, f.body) {
                 Ok(Record::Checkpoint(cp)) => Some(cp),
                 _ => None,
             }
@@ -104,11 +98,15 @@ fn modified(path: &Path) -> SystemTime {
         .unwrap_or_else(|_| SystemTime::now())
 }
 
-/// Rebuild state from `dir`. With `repair`, a torn tail is cut off on disk; without
-/// (offline inspection) the disk is left as it is.
-pub(crate) fn recover(dir: &Path, policy: OnCorruption, repair: bool) -> Result<Recovered> {
+/// Rebuild state from `dir`. With `repair`, a torn tail is cut off on disk (through
+/// that seam, durably); without (offline inspection) the disk is left as it is.
+pub(crate) fn recover(
+    dir: &Path,
+    policy: OnCorruption,
+    repair: Option<&dyn WalIo>,
+) -> Result<Recovered> {
     let started = Instant::now();
-    let mut segs = scan::list_segments(dir)?;
+    let segs = segment::list_segments(dir)?;
     let mut report = RecoveryReport::default();
     let mut state = State::default();
 
@@ -130,81 +128,93 @@ pub(crate) fn recover(dir: &Path, policy: OnCorruption, repair: bool) -> Result<
             },
         );
     }
+    let mut missing = HashMap::new();
     if let Some((i, cp)) = &base {
         report.checkpoint_lsn = Some(segs[*i].first_lsn);
-        load_checkpoint_entries(&segs[..*i], cp, policy, &mut state, &mut report)?;
+        missing = load_checkpoint_entries(&segs[..*i], cp, policy, &mut state, &mut report)?;
     }
 
-    let mut prev_lsn = segs.get(start).map_or(0, |s| s.first_lsn.saturating_sub(1));
+    let mut walker = Walker::new(segs, start, policy);
+    let mut prev_lsn = walker.peek().map_or(0, |s| s.first_lsn.saturating_sub(1));
     let mut active = None;
-    let mut torn_gap = 0;
-    let n = segs.len();
-    let mut remove_newest = false;
-    let mut buf = Vec::new();
-    for (i, seg) in segs.iter().enumerate().skip(start) {
-        let newest = i + 1 == n;
-        scan::read_segment_into(seg, &mut buf)?;
-        report.bytes_scanned += buf.len() as u64;
-        state.segments.insert(
-            seg.first_lsn,
-            SegInfo {
-                bytes: buf.len() as u64,
-                live: 0,
-                modified: modified(&seg.path),
-            },
-        );
-        let walk = scan::walk_segment(seg, &buf, prev_lsn, newest, policy, |off, f| {
+    let mut next_floor = 0;
+    let mut remove_newest = None;
+    loop {
+        let Some(seg) = walker.peek().cloned() else {
+            break;
+        };
+        let modified = modified(&seg.path);
+        let walked = walker.next_segment(|off, f| {
+            if !missing.is_empty() && f.kind == Kind::Delivered {
+                if let Ok(Record::Delivered(lsns)) = format::decode_record(f.kind, f.body) {
+                    for l in lsns {
+                        missing.remove(&l);
+                    }
+                }
+            }
             state.apply(off, f.lsn, f.kind, f.body)
-        })?;
-        report.skipped_regions += walk.skipped;
-        report.skipped_records += walk.skipped_records;
-        prev_lsn = walk.last_lsn.unwrap_or(prev_lsn).max(prev_lsn);
-        let mut valid_len = buf.len() as u64;
-        if let End::Torn { offset } = walk.end {
-            let bytes = buf.len() as u64 - offset;
+        });
+        let Some(walked) = walked else { break };
+        let walked = walked?;
+        report.bytes_scanned += walked.bytes;
+        report.skipped_regions += walked.walk.skipped;
+        report.skipped_records += walked.walk.skipped_records;
+        prev_lsn = prev_lsn.max(walked.walk.last_lsn.unwrap_or(0));
+        let newest = walked.index + 1 == walker.segments().len();
+        let mut valid_len = walked.bytes;
+        if let End::Torn { offset, max_lsn } = walked.walk.end {
+            let bytes = walked.bytes - offset;
             tracing::warn!(segment = %seg.name, offset, bytes, "truncating torn WAL tail");
             report.torn_tail = Some(TornTail {
                 segment: seg.name.clone(),
                 offset,
                 bytes,
             });
-            // At most one record per frame header's worth of torn bytes.
-            torn_gap = bytes.div_ceil(FRAME_HEADER_LEN as u64);
+            // No LSN the torn bytes held, or could have held (at most one per frame
+            // header's worth of bytes), is handed out again.
+            next_floor = (prev_lsn + bytes.div_ceil(FRAME_HEADER_LEN as u64))
+                .max(max_lsn.unwrap_or(0))
+                .max(seg.first_lsn);
             valid_len = offset;
             if offset == 0 {
-                remove_newest = true;
-                prev_lsn = prev_lsn.max(seg.first_lsn);
+                remove_newest = Some(seg.clone());
             }
         }
-        if newest && !remove_newest {
-            active = Some((seg.clone(), valid_len));
+        if newest && remove_newest.is_none() {
+            active = Some((seg.clone(), valid_len, walked.walk.version));
         }
-        if let Some(s) = state.segments.get_mut(&seg.first_lsn) {
-            s.bytes = valid_len;
+        if remove_newest.is_none() {
+            state.segments.insert(
+                seg.first_lsn,
+                SegInfo {
+                    bytes: valid_len,
+                    live: 0,
+                    modified,
+                },
+            );
         }
     }
     report.records_scanned = state.totals.records;
-
-    if repair {
-        if remove_newest {
-            let seg = segs.pop().expect("newest segment exists");
-            state.segments.remove(&seg.first_lsn);
-            std::fs::remove_file(&seg.path).map_err(|e| WalError::io(&seg.path, e))?;
-            sync_dir(dir)?;
-        } else if let (Some((seg, len)), Some(_)) = (&active, &report.torn_tail) {
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .open(&seg.path)
-                .map_err(|e| WalError::io(&seg.path, e))?;
-            f.set_len(*len).map_err(|e| WalError::io(&seg.path, e))?;
-            f.sync_all().map_err(|e| WalError::io(&seg.path, e))?;
-        }
-    } else if remove_newest {
-        segs.pop();
+    // Listed by the checkpoint, segment gone, and no later DELIVERED record: lost.
+    for (lsn, status) in missing {
+        tracing::error!(lsn, status = ?status, "the segment of an undelivered entry is missing; entry lost");
+        report.lost_entries += 1;
     }
 
-    let next_lsn = prev_lsn + 1 + torn_gap;
-    report.segments = segs.len();
+    if let Some(io) = repair {
+        let fail = |p: &Path, e| WalError::io(p, e);
+        if let Some(seg) = &remove_newest {
+            io.remove(&seg.path).map_err(|e| fail(&seg.path, e))?;
+            io.sync_dir(dir).map_err(|e| fail(dir, e))?;
+        } else if let (Some((seg, len, _)), Some(_)) = (&active, &report.torn_tail) {
+            let f = io.open(&seg.path).map_err(|e| fail(&seg.path, e))?;
+            f.set_len(*len).map_err(|e| fail(&seg.path, e))?;
+            f.sync_data().map_err(|e| fail(&seg.path, e))?;
+        }
+    }
+
+    let next_lsn = prev_lsn.max(next_floor) + 1;
+    report.segments = state.segments.len();
     report.pending = state.pending;
     report.dead = state.dead;
     report.next_lsn = next_lsn;
@@ -217,17 +227,25 @@ pub(crate) fn recover(dir: &Path, policy: OnCorruption, repair: bool) -> Result<
     })
 }
 
-/// Load the entries a checkpoint lists from the segments before it.
+/// Load the entries a checkpoint lists from the segments before it. Returns those
+/// whose segment is missing (see the module doc).
 fn load_checkpoint_entries(
     older: &[SegmentFile],
     cp: &Checkpoint,
     policy: OnCorruption,
     state: &mut State,
     report: &mut RecoveryReport,
-) -> Result<()> {
-    // Group wanted (lsn, offset, status) by segment.
+) -> Result<HashMap<u64, Tracked>> {
+    // The first LSN of the segment an LSN was written to: by the checkpoint's list
+    // (exact even after retention deleted segments in between), else by the files.
+    let on_disk: Vec<u64> = older.iter().map(|s| s.first_lsn).collect();
+    let firsts = cp.segments.as_deref().unwrap_or(&on_disk);
+    let segment_of = |lsn: u64| {
+        let i = firsts.partition_point(|f| *f <= lsn).checked_sub(1)?;
+        older.iter().position(|s| s.first_lsn == firsts[i])
+    };
     let mut by_seg: BTreeMap<usize, Vec<(u64, u64, Tracked)>> = BTreeMap::new();
-    let seg_index = |lsn: u64| older.partition_point(|s| s.first_lsn <= lsn).checked_sub(1);
+    let mut missing = HashMap::new();
     let wanted = cp
         .pending
         .iter()
@@ -243,37 +261,31 @@ fn load_checkpoint_entries(
             )
         }));
     for (lsn, off, status) in wanted {
-        match seg_index(lsn) {
+        match segment_of(lsn) {
             Some(i) => by_seg.entry(i).or_default().push((lsn, off, status)),
-            None if status == Tracked::Pending => {
-                tracing::error!(lsn, "pending entry's segment is missing; entry lost");
-                report.lost_entries += 1;
+            None => {
+                missing.insert(lsn, status);
             }
-            // A dead letter whose segment retention removed: expired.
-            None => {}
         }
     }
-    for (i, items) in by_seg {
+    for (i, mut items) in by_seg {
         let seg = &older[i];
-        let buf = scan::read_segment(seg)?;
-        report.bytes_scanned += buf.len() as u64;
+        items.sort_unstable_by_key(|(_, off, _)| *off);
+        let mut reader = FrameReader::open(seg)?;
         for (lsn, off, status) in items {
-            let frame = buf.get(off as usize..).map(format::parse_frame);
-            let res = match frame {
-                Some(FrameParse::Ok(f)) if f.lsn == lsn && f.kind == Kind::Entry => state
+            let res = match reader.frame_at(off)? {
+                FrameParse::Ok(f) if f.lsn == lsn && f.kind == Kind::Entry => state
                     .insert_entry(lsn, off, f.body, status)
                     .map_err(|e| e.0),
-                Some(FrameParse::Ok(_)) => Err("checkpoint names a frame of another LSN"),
-                Some(FrameParse::Bad(r)) => Err(r),
-                _ => Err("checkpoint names an offset past the end of the segment"),
+                FrameParse::Ok(_) => Err("checkpoint names a frame of another LSN"),
+                FrameParse::Bad(r) => Err(r),
+                FrameParse::Incomplete => {
+                    Err("checkpoint names an offset past the end of the segment")
+                }
             };
             if let Err(reason) = res {
                 if policy == OnCorruption::Stop {
-                    return Err(WalError::Corrupt {
-                        segment: seg.name.clone(),
-                        offset: off,
-                        reason: reason.to_owned(),
-                    });
+                    return Err(reader.corrupt(off, reason));
                 }
                 tracing::warn!(segment = %seg.name, offset = off, lsn, reason, "skipping damaged entry named by checkpoint");
                 report.skipped_regions += 1;
@@ -281,13 +293,7 @@ fn load_checkpoint_entries(
                 report.lost_entries += 1;
             }
         }
+        report.bytes_scanned += std::fs::metadata(&seg.path).map_or(0, |m| m.len());
     }
-    Ok(())
-}
-
-/// fsync a directory, making file creations and removals in it durable.
-pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| WalError::io(dir, e))
+    Ok(missing)
 }

@@ -40,7 +40,8 @@ pub(crate) struct Meta {
 pub(crate) struct SegInfo {
     /// Bytes in the file.
     pub bytes: u64,
-    /// Pending entries whose ENTRY record is in this segment.
+    /// Tracked entries (pending or dead letters) whose ENTRY record is in this
+    /// segment: retention never deletes a segment while this is above zero.
     pub live: u64,
     /// Last modification (seal) time, for retention.
     pub modified: SystemTime,
@@ -109,9 +110,9 @@ impl State {
             // Only a forged log repeats an LSN; keep counts honest anyway.
             self.forget_counts(lsn, &old.status);
         }
+        self.seg_live(lsn, 1);
         if pending {
             self.pending += 1;
-            self.seg_live(lsn, 1);
         } else {
             self.dead += 1;
         }
@@ -129,16 +130,14 @@ impl State {
     }
 
     fn forget_counts(&mut self, lsn: u64, status: &Tracked) {
+        self.seg_live(lsn, -1);
         match status {
-            Tracked::Pending => {
-                self.pending -= 1;
-                self.seg_live(lsn, -1);
-            }
+            Tracked::Pending => self.pending -= 1,
             Tracked::Dead { .. } => self.dead -= 1,
         }
     }
 
-    /// Drop an entry from tracking (delivered, or expired with its segment).
+    /// Drop an entry from tracking (delivered).
     fn remove(&mut self, lsn: u64) -> bool {
         match self.tracked.remove(&lsn) {
             Some(m) => {
@@ -201,7 +200,6 @@ impl State {
         if was_pending {
             self.pending -= 1;
             self.dead += 1;
-            self.seg_live(lsn, -1);
         }
     }
 
@@ -213,7 +211,6 @@ impl State {
             m.status = Tracked::Pending;
             self.dead -= 1;
             self.pending += 1;
-            self.seg_live(lsn, 1);
         }
     }
 
@@ -245,9 +242,12 @@ impl State {
         }
     }
 
-    /// The checkpoint describing this state.
+    /// The checkpoint describing this state (before a new segment is added to it).
     pub fn checkpoint(&self) -> Checkpoint {
-        let mut cp = Checkpoint::default();
+        let mut cp = Checkpoint {
+            segments: Some(self.segments.keys().copied().collect()),
+            ..Checkpoint::default()
+        };
         for (lsn, m) in &self.tracked {
             match &m.status {
                 Tracked::Pending => cp.pending.push((*lsn, m.offset)),
@@ -260,20 +260,5 @@ impl State {
             }
         }
         cp
-    }
-
-    /// Forget a deleted segment and the dead letters whose records went with it.
-    pub fn drop_segment(&mut self, first: u64, next_first: u64) -> u64 {
-        let expired: Vec<u64> = self
-            .tracked
-            .range(first..next_first)
-            .map(|(l, _)| *l)
-            .collect();
-        let n = expired.len() as u64;
-        for l in expired {
-            self.remove(l);
-        }
-        self.segments.remove(&first);
-        n
     }
 }

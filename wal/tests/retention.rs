@@ -124,15 +124,36 @@ async fn quota_refuses_entries_but_not_markers_and_recovers_once_delivered() {
     assert_eq!(wal.status().pending, 1);
 }
 
+/// A dead letter waits for an operator: neither the retention nor the quota
+/// deletes its segment, and it survives a restart.
 #[tokio::test]
-async fn expired_dead_letters_leave_with_their_segment() {
+async fn dead_letters_survive_retention_and_the_quota() {
     let dir = tempfile::tempdir().unwrap();
-    let wal = Wal::open(dir.path(), cfg(Duration::ZERO, None)).unwrap();
+    let config = cfg(Duration::ZERO, Some(8 * 1024));
+    let wal = Wal::open(dir.path(), config.clone()).unwrap();
     let l = wal.append(&[entry(1)]).await.unwrap()[0];
     wal.mark_failed(l, 10, "rejected").await.unwrap();
-    assert_eq!(wal.dead_letters(None, 10).len(), 1);
+    // Fill past the quota with delivered entries: forced retention runs.
+    for n in 2..200 {
+        match wal.append(&[entry(n)]).await {
+            Ok(ls) => wal.mark_delivered(&ls).await.unwrap(),
+            Err(e) => assert!(e.is_out_of_space(), "{e}"),
+        }
+    }
     wal.rotate().await.unwrap();
     wal.run_retention().await.unwrap();
-    assert!(wal.dead_letters(None, 10).is_empty());
-    assert_eq!(wal.status().dead, 0);
+    assert_eq!(wal.dead_letters(None, 10).len(), 1);
+    assert!(
+        segments(dir.path())[0].ends_with("00000000000000000001.wal"),
+        "the dead letter's segment was deleted"
+    );
+    wal.close();
+    drop(wal);
+    let wal = Wal::open(dir.path(), config).unwrap();
+    let dead = wal.dead_letters(None, 10);
+    assert_eq!((dead.len(), dead[0].lsn), (1, l));
+    assert_eq!(
+        payload_n(&wal.read_entries(&[l]).unwrap()[0].entry.payload),
+        1
+    );
 }

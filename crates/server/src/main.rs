@@ -284,7 +284,11 @@ async fn serve_async(cfg: Config) -> Result<ExitCode> {
     let metrics = Arc::new(metrics::Metrics::default());
     std::fs::create_dir_all(&cfg.wal.dir)
         .with_context(|| format!("creating {}", cfg.wal.dir.display()))?;
-    let wal = spool_wal::Wal::open_with_observer(&cfg.wal.dir, cfg.wal_config()?, metrics.clone())
+    let hooks = spool_wal::WalHooks {
+        observer: metrics.clone(),
+        ..Default::default()
+    };
+    let wal = spool_wal::Wal::open_with(&cfg.wal.dir, cfg.wal_config()?, hooks)
         .with_context(|| format!("opening the WAL in {}", cfg.wal.dir.display()))?;
     let mut dests = Vec::new();
     for d in &cfg.destinations {
