@@ -24,13 +24,15 @@ unit:
 	$(CARGO) test --workspace --locked
 
 ## chaos: the reliability suite, long (20 crash cycles per destination, 30 s outage,
-## 2 min overload) on the release binary; prints docs/reliability.md's table
+## 2 min overload) on the release binary, and the WAL fault model at 3,000 cases;
+## prints docs/reliability.md's table
 CHAOS_REPORT ?= $(CURDIR)/target/chaos.jsonl
 chaos:
 	$(CARGO) build --release --locked -p spool-server --bin spool
 	rm -f $(CHAOS_REPORT)
 	SPOOL_CHAOS=full SPOOL_CHAOS_REPORT=$(CHAOS_REPORT) $(CARGO) test --release --locked -p spool-e2e \
 	  --test chaos --test disk_full --test hostile -- --test-threads=1
+	SPOOL_CHAOS=full $(CARGO) test --release --locked -p spool-wal --test fault_model
 	tests/chaos-table.py $(CHAOS_REPORT)
 
 ## api-check: schemathesis against a running server from docs/openapi.yaml (no 5xx, stays up)

@@ -61,10 +61,7 @@ fn full_scan(dir: &Path, state: &mut State) -> Result<VerifyReport> {
         ..Default::default()
     };
     let mut walker = Walker::new(segs, 0, OnCorruption::Stop);
-    loop {
-        let Some(seg) = walker.peek().cloned() else {
-            break;
-        };
+    while let Some(seg) = walker.peek().cloned() {
         let walked = walker.next_segment(|off, f| state.apply(off, f.lsn, f.kind, f.body));
         match walked.expect("peeked a segment") {
             Ok(w) => {

@@ -11,8 +11,10 @@
 //!   only after the `fdatasync` that covers its records returned.
 //! - **Group commit.** One writer thread owns the active segment. Whatever appends
 //!   are waiting when it is free form one group: one `write`, one `fdatasync`.
-//! - **LSNs** are `u64`, strictly increasing across segments, and never handed out
-//!   twice — not after a failed write, not after a torn tail is cut off.
+//! - **LSNs** are `u64`, strictly increasing across segments. An LSN that was
+//!   acknowledged or visible is never handed out again — not after a failed write,
+//!   not after a torn tail is cut off. (LSNs of refused appends may be reused after
+//!   a restart: nobody was ever told them.)
 //! - **Every record is checksummed** (CRC32 over kind, LSN and body) and **never
 //!   spans segments**. Segment headers carry their own CRC.
 //! - **Only the newest segment can have a torn tail.** A segment is fdatasynced

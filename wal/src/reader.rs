@@ -60,9 +60,8 @@ impl Reader {
                 }
                 Ok(())
             });
-            match walked {
-                Some(Err(e)) => return Err(e),
-                Some(Ok(_)) | None => {}
+            if let Some(Err(e)) = walked {
+                return Err(e);
             }
         }
         Ok(())

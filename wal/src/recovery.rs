@@ -139,11 +139,16 @@ pub(crate) fn recover(
     let mut active = None;
     let mut next_floor = 0;
     let mut remove_newest = None;
-    loop {
-        let Some(seg) = walker.peek().cloned() else {
-            break;
-        };
-        let modified = modified(&seg.path);
+    while let Some(seg) = walker.peek().cloned() {
+        // Registered before its frames are applied: they count as live in it.
+        state.segments.insert(
+            seg.first_lsn,
+            SegInfo {
+                bytes: 0,
+                live: 0,
+                modified: modified(&seg.path),
+            },
+        );
         let walked = walker.next_segment(|off, f| {
             if !missing.is_empty() && f.kind == Kind::Delivered {
                 if let Ok(Record::Delivered(lsns)) = format::decode_record(f.kind, f.body) {
@@ -183,15 +188,10 @@ pub(crate) fn recover(
         if newest && remove_newest.is_none() {
             active = Some((seg.clone(), valid_len, walked.walk.version));
         }
-        if remove_newest.is_none() {
-            state.segments.insert(
-                seg.first_lsn,
-                SegInfo {
-                    bytes: valid_len,
-                    live: 0,
-                    modified,
-                },
-            );
+        match (&remove_newest, state.segments.get_mut(&seg.first_lsn)) {
+            (Some(_), _) => drop(state.segments.remove(&seg.first_lsn)),
+            (None, Some(info)) => info.bytes = valid_len,
+            (None, None) => {}
         }
     }
     report.records_scanned = state.totals.records;

@@ -44,7 +44,9 @@ fuzz_target!(|data: &[u8]| {
         let mut lsn = 1u64;
         let mut it = rest;
         while it.len() >= 3 {
-            let kind = it[0] % 6; // 0 is not a kind: exercises the unknown-kind path
+            // 0 is not a kind: exercises the unknown-kind path; the high bit is
+            // FRAME_FLAG_SYNCED (format version 2), which decides torn vs corrupt.
+            let kind = (it[0] % 6) | (it[0] & format::FRAME_FLAG_SYNCED);
             let len = (u16::from_le_bytes([it[1], it[2]]) as usize).min(it.len() - 3);
             let body = &it[3..3 + len];
             it = &it[3 + len..];
