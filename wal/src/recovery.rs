@@ -185,6 +185,12 @@ pub(crate) fn recover(
                 remove_newest = Some(seg.clone());
             }
         }
+        // A later segment holding nothing but its header: its creation was cut short
+        // before its checkpoint was synced; nothing in it was ever acknowledged.
+        if newest && walked.index > 0 && valid_len <= format::SEGMENT_HEADER_LEN as u64 {
+            remove_newest = Some(seg.clone());
+            next_floor = next_floor.max(seg.first_lsn);
+        }
         if newest && remove_newest.is_none() {
             active = Some((seg.clone(), valid_len, walked.walk.version));
         }
@@ -273,7 +279,16 @@ fn load_checkpoint_entries(
         items.sort_unstable_by_key(|(_, off, _)| *off);
         let mut reader = FrameReader::open(seg)?;
         for (lsn, off, status) in items {
-            let res = match reader.frame_at(off)? {
+            let frame = reader.frame_at(off)?;
+            // A version-1 checkpoint maps by the files present, which is wrong once
+            // retention deleted the entry's own segment: treat it as missing.
+            let wrong_segment = cp.segments.is_none()
+                && !matches!(frame, FrameParse::Ok(f) if f.lsn == lsn && f.kind == Kind::Entry);
+            if wrong_segment {
+                missing.insert(lsn, status);
+                continue;
+            }
+            let res = match frame {
                 FrameParse::Ok(f) if f.lsn == lsn && f.kind == Kind::Entry => state
                     .insert_entry(lsn, off, f.body, status)
                     .map_err(|e| e.0),

@@ -89,10 +89,16 @@ pub(crate) fn create_segment(
     match attempt(&mut created) {
         Ok(f) => Ok((f, buf.len() as u64)),
         Err(e) => {
-            // Leave nothing half-made behind: a later recovery must not see it.
+            // Leave nothing half-made behind: a later recovery must not see it. If
+            // that cannot be made sure of, the writer must stop (it would go on
+            // appending to the older segment, which the new one's checkpoint hides).
             if created {
-                let _ = io.remove(&path);
-                let _ = io.sync_dir(dir);
+                if let Err(c) = io.remove(&path).and_then(|()| io.sync_dir(dir)) {
+                    return Err(WalError::Poisoned(format!(
+                        "creating {} failed ({e}) and removing it failed too ({c})",
+                        path.display()
+                    )));
+                }
             }
             Err(WalError::io(&path, e))
         }

@@ -181,7 +181,7 @@ impl Wal {
         let lock = lock_dir(&dir)?;
         let rec = recovery::recover(&dir, config.on_corruption, Some(&*io))?;
         let mut state = rec.state;
-        let next_lsn = rec.next_lsn;
+        let mut next_lsn = rec.next_lsn;
         // Continue the newest segment if this build writes its version. Either way
         // sync it first: a killed process leaves unsynced bytes in the page cache,
         // and what follows them is flagged as written after synced history.
@@ -191,6 +191,9 @@ impl Wal {
             f.sync_data().map_err(|e| WalError::io(&seg.path, e))?;
             if version == format::FORMAT_VERSION {
                 continued = Some((f, seg.first_lsn, len));
+            } else {
+                // Sealed as it is; the next segment may not take its name.
+                next_lsn = next_lsn.max(seg.first_lsn + 1);
             }
         }
         let (file, seg_first, seg_len) = match continued {

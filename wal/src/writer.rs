@@ -375,10 +375,10 @@ impl Writer {
         self.written_lsn = self.next_lsn - 1;
         let (now, later): (Vec<_>, Vec<_>) = self.buffered.drain(..).partition(|w| !w.needs_sync);
         self.unsynced.extend(later);
-        self.commit(now);
         if !self.always() {
             self.publish(self.written_lsn);
         }
+        self.commit(now);
         Ok(())
     }
 
@@ -413,9 +413,10 @@ impl Writer {
     /// Everything written is durable now.
     fn synced(&mut self) {
         self.synced_len = self.seg_len;
+        // Visible before anyone hears Ok: an appender may read right after.
+        self.publish(self.written_lsn);
         let done = std::mem::take(&mut self.unsynced);
         self.commit(done);
-        self.publish(self.written_lsn);
     }
 
     /// Apply the appends' records to the state, then answer them.
@@ -446,14 +447,19 @@ impl Writer {
             .join(format::segment_file_name(self.seg_first))
     }
 
-    /// Refuse everything from now on; cut off what the failed sync should have
-    /// covered (best effort: it may already be gone from the disk).
+    /// Refuse everything from now on; cut off the records of every append not yet
+    /// answered (best effort: they may already be gone from the disk). Records
+    /// already answered — markers, and appends under `interval`/`never` — stay.
     fn poison(&mut self, why: String) -> WalError {
         tracing::error!(reason = %why, "WAL poisoned; refusing further writes until restart");
         let e = WalError::Poisoned(why);
         self.poisoned = Some(e.clone());
-        let _ = self.file.set_len(self.synced_len);
-        self.seg_len = self.synced_len;
+        let refused = self.unsynced.iter().chain(&self.buffered);
+        let first_refused = refused.filter_map(|w| w.recs.first()).map(|r| r.off).min();
+        if let Some(cut) = first_refused.filter(|c| *c < self.seg_len) {
+            let _ = self.file.set_len(cut);
+            self.seg_len = cut;
+        }
         self.buf.clear();
         for w in self.unsynced.drain(..).chain(self.buffered.drain(..)) {
             let _ = w.reply.send(Err(e.clone()));
@@ -467,8 +473,13 @@ impl Writer {
         self.sync()?;
         let first = self.next_lsn;
         let cp = self.shared.state().checkpoint();
-        let (file, len) =
-            segment::create_segment(&*self.shared.io, &self.shared.dir, first, Some(&cp))?;
+        let created = segment::create_segment(&*self.shared.io, &self.shared.dir, first, Some(&cp));
+        let (file, len) = match created {
+            Ok(c) => c,
+            // A half-made segment that may survive would shadow this one's tail.
+            Err(WalError::Poisoned(why)) => return Err(self.poison(why)),
+            Err(e) => return Err(e),
+        };
         self.shared.state().segments.insert(
             first,
             SegInfo {

@@ -326,3 +326,28 @@ async fn a_version_1_wal_opens_and_continues_in_version_2() {
     let wal = Wal::open(dir.path(), WalConfig::default()).unwrap();
     assert_eq!(pending_ns(&wal), vec![2, 3]);
 }
+
+/// Under `interval`/`never` an append is answered after its write. A later failed
+/// fdatasync poisons the handle but must not cut off what was already answered.
+#[tokio::test]
+async fn a_failed_sync_under_interval_keeps_what_was_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = WalConfig {
+        sync: "interval:1h".parse().unwrap(),
+        ..WalConfig::default()
+    };
+    let (wal, io) = open_faulty(dir.path(), config.clone());
+    wal.append(&[entry(1)]).await.unwrap();
+    io.fail(FaultOp::Sync, 0, Fault::Eio);
+    assert!(matches!(wal.sync().await, Err(WalError::Poisoned(_))));
+    wal.close();
+    drop(wal);
+    let wal = Wal::open(dir.path(), config).unwrap();
+    assert_eq!(
+        pending_ns(&wal),
+        vec![1],
+        "an acknowledged entry was cut off"
+    );
+    let l = wal.append(&[entry(2)]).await.unwrap()[0];
+    assert!(l > 1, "an acknowledged LSN was handed out again");
+}
