@@ -110,14 +110,6 @@ async fn group_with_rotation(wal: &Wal, io: &FaultIo) -> (Pending, [Pending; 3])
     (a0, [a1, a2, a3])
 }
 
-fn pending_ns(wal: &Wal) -> Vec<u64> {
-    wal.pending_after(0, usize::MAX)
-        .unwrap()
-        .iter()
-        .map(|e| payload_n(&e.entry.payload))
-        .collect()
-}
-
 /// Defect 2: the rotation's fdatasync fails inside a group. Linux reports such an
 /// error once, so nothing of the group — nor anything later — may be acknowledged.
 #[tokio::test]

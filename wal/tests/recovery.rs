@@ -25,14 +25,6 @@ fn copy_dir(from: &Path) -> tempfile::TempDir {
     to
 }
 
-fn pending_ns(wal: &Wal) -> Vec<u64> {
-    wal.pending_after(0, usize::MAX)
-        .unwrap()
-        .iter()
-        .map(|e| payload_n(&e.entry.payload))
-        .collect()
-}
-
 #[test]
 fn truncating_the_last_record_at_every_byte_recovers_the_rest_with_fresh_lsns() {
     let (dir, lsns) = written(5, WalConfig::default());

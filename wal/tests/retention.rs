@@ -15,14 +15,6 @@ fn cfg(retention: Duration, max_bytes: Option<u64>) -> WalConfig {
     }
 }
 
-fn pending_ns(wal: &Wal) -> Vec<u64> {
-    wal.pending_after(0, usize::MAX)
-        .unwrap()
-        .iter()
-        .map(|e| payload_n(&e.entry.payload))
-        .collect()
-}
-
 #[tokio::test]
 async fn retention_keeps_segments_with_pending_entries_and_deletes_the_rest() {
     let dir = tempfile::tempdir().unwrap();

@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use spool_wal::format::{self, FrameParse, SEGMENT_HEADER_LEN};
-use spool_wal::{Entry, SyncMode, WalConfig};
+use spool_wal::{Entry, SyncMode, Wal, WalConfig};
 use std::path::{Path, PathBuf};
 
 /// An entry whose payload names `n`, so tests can check it survived intact.
@@ -61,4 +61,13 @@ pub fn frames(buf: &[u8]) -> Vec<(usize, u64, format::Kind)> {
     }
     assert_eq!(pos, buf.len(), "segment image has trailing bytes");
     out
+}
+
+/// Payload numbers of the pending entries, in LSN order.
+pub fn pending_ns(wal: &Wal) -> Vec<u64> {
+    wal.pending_after(0, usize::MAX)
+        .unwrap()
+        .iter()
+        .map(|e| payload_n(&e.entry.payload))
+        .collect()
 }
