@@ -388,7 +388,9 @@ pub(crate) struct FrameReader {
     win_off: u64,
 }
 
-const WINDOW: usize = 1 << 20;
+/// Read-ahead: large enough that offsets visited in order cost few reads, small
+/// enough that one entry read on a request path stays cheap.
+const WINDOW: usize = 64 << 10;
 
 impl FrameReader {
     pub fn open(seg: &SegmentFile) -> Result<FrameReader> {
