@@ -10,7 +10,7 @@ use uuid::Uuid;
 /// First eight bytes of every segment file.
 pub const SEGMENT_MAGIC: [u8; 8] = *b"SPOOLWAL";
 /// Version of the segment and record format written by this build.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// Oldest format version this build reads (version 1 has no [`FRAME_FLAG_SYNCED`]
 /// and no segment list in its checkpoints; both read as absent).
 pub const MIN_READ_VERSION: u32 = 1;
@@ -46,6 +46,8 @@ pub enum Kind {
     Requeued = 4,
     /// Summary of the pending and dead set, first record of every rotated segment.
     Checkpoint = 5,
+    /// Dead letters an operator discarded (a batch of LSNs). Since version 3.
+    Purged = 6,
 }
 
 impl Kind {
@@ -57,6 +59,7 @@ impl Kind {
             3 => Kind::Failed,
             4 => Kind::Requeued,
             5 => Kind::Checkpoint,
+            6 => Kind::Purged,
             _ => return None,
         })
     }
@@ -69,6 +72,7 @@ impl Kind {
             Kind::Failed => "failed",
             Kind::Requeued => "requeued",
             Kind::Checkpoint => "checkpoint",
+            Kind::Purged => "purged",
         }
     }
 }
@@ -93,6 +97,8 @@ pub enum Record {
     Requeued(Vec<u64>),
     /// The pending and dead set as of this record.
     Checkpoint(Checkpoint),
+    /// These dead letters were discarded by an operator: terminal, never delivered.
+    Purged(Vec<u64>),
 }
 
 impl Record {
@@ -104,6 +110,7 @@ impl Record {
             Record::Failed { .. } => Kind::Failed,
             Record::Requeued(_) => Kind::Requeued,
             Record::Checkpoint(_) => Kind::Checkpoint,
+            Record::Purged(_) => Kind::Purged,
         }
     }
 }
@@ -305,7 +312,7 @@ pub fn encode_entry(e: &Entry, out: &mut Vec<u8>) {
     put_bytes32(out, &e.payload);
 }
 
-/// Encode a DELIVERED or REQUEUED body: count(u32) then count × lsn(u64).
+/// Encode a DELIVERED, REQUEUED or PURGED body: count(u32) then count × lsn(u64).
 pub fn encode_lsns(lsns: &[u64], out: &mut Vec<u8>) {
     out.reserve(4 + lsns.len() * 8);
     out.extend_from_slice(&(lsns.len() as u32).to_le_bytes());
@@ -347,7 +354,7 @@ pub fn encode_checkpoint(c: &Checkpoint, out: &mut Vec<u8>) {
 pub fn encode_record(r: &Record, out: &mut Vec<u8>) {
     match r {
         Record::Entry(e) => encode_entry(e, out),
-        Record::Delivered(l) | Record::Requeued(l) => encode_lsns(l, out),
+        Record::Delivered(l) | Record::Requeued(l) | Record::Purged(l) => encode_lsns(l, out),
         Record::Failed {
             lsn,
             attempts,
@@ -509,16 +516,16 @@ pub fn decode_record(kind: Kind, body: &[u8]) -> Result<Record, BodyError> {
     let mut c = Cursor { buf: body };
     let r = match kind {
         Kind::Entry => return decode_entry(body).map(Record::Entry),
-        Kind::Delivered | Kind::Requeued => {
+        Kind::Delivered | Kind::Requeued | Kind::Purged => {
             let n = c.count(8)?;
             let mut v = Vec::with_capacity(n);
             for _ in 0..n {
                 v.push(c.u64()?);
             }
-            if kind == Kind::Delivered {
-                Record::Delivered(v)
-            } else {
-                Record::Requeued(v)
+            match kind {
+                Kind::Delivered => Record::Delivered(v),
+                Kind::Requeued => Record::Requeued(v),
+                _ => Record::Purged(v),
             }
         }
         Kind::Failed => Record::Failed {
@@ -623,6 +630,7 @@ mod tests {
                 reason: "constraint".into(),
             },
             Record::Requeued(vec![7]),
+            Record::Purged(vec![8, 9]),
             Record::Checkpoint(Checkpoint {
                 pending: vec![(1, 32), (9, 400)],
                 dead: vec![DeadRef {
@@ -715,12 +723,13 @@ mod tests {
                 "KIND_FAILED" => (Kind::Failed as u8).to_string(),
                 "KIND_REQUEUED" => (Kind::Requeued as u8).to_string(),
                 "KIND_CHECKPOINT" => (Kind::Checkpoint as u8).to_string(),
+                "KIND_PURGED" => (Kind::Purged as u8).to_string(),
                 other => panic!("docs/wal-format.md names unknown constant {other}"),
             };
             assert_eq!(value, want, "docs/wal-format.md: {name}");
             seen += 1;
         }
-        assert_eq!(seen, 13, "constants table incomplete");
+        assert_eq!(seen, 14, "constants table incomplete");
         // The header tables' sizes add up to the constants.
         assert_eq!(encode_segment_header(1).len(), SEGMENT_HEADER_LEN);
         let mut f = Vec::new();

@@ -212,7 +212,7 @@ pub fn inspect(dir: impl AsRef<Path>, from: u64, limit: usize) -> Result<Vec<Rec
                     None => "delivered",
                 });
             }
-            Record::Delivered(l) | Record::Requeued(l) => info.targets = l,
+            Record::Delivered(l) | Record::Requeued(l) | Record::Purged(l) => info.targets = l,
             Record::Failed { lsn, .. } => info.targets = vec![lsn],
             Record::Checkpoint(_) => {}
         }

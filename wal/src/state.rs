@@ -184,6 +184,13 @@ impl State {
                         self.requeue(l);
                     }
                 }
+                Record::Purged(lsns) => {
+                    for l in lsns {
+                        if self.tracked.get(&l).is_some_and(|m| m.status != Tracked::Pending) {
+                            self.remove(l);
+                        }
+                    }
+                }
                 Record::Checkpoint(cp) => self.apply_checkpoint(lsn, &cp),
                 Record::Entry(_) => unreachable!("handled above"),
             },

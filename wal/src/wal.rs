@@ -377,13 +377,7 @@ impl Wal {
     /// Put dead letters back to pending. Returns the LSNs that were dead letters
     /// (others are ignored). Durable once it resolves.
     pub async fn requeue(&self, lsns: &[u64]) -> Result<Vec<u64>> {
-        let dead: Vec<u64> = {
-            let st = self.shared.state();
-            lsns.iter()
-                .copied()
-                .filter(|l| matches!(st.tracked.get(l), Some(m) if m.status != Tracked::Pending))
-                .collect()
-        };
+        let dead = self.dead_among(lsns);
         if dead.is_empty() {
             return Ok(dead);
         }
@@ -391,6 +385,28 @@ impl Wal {
         format::encode_lsns(&dead, &mut body);
         self.marker(Kind::Requeued, body, true).await?;
         Ok(dead)
+    }
+
+    /// Discard dead letters: they become terminal without being delivered, and
+    /// their segments may go. Returns the LSNs that were dead letters (others,
+    /// pending or unknown, are ignored). Durable once it resolves.
+    pub async fn purge(&self, lsns: &[u64]) -> Result<Vec<u64>> {
+        let dead = self.dead_among(lsns);
+        if dead.is_empty() {
+            return Ok(dead);
+        }
+        let mut body = Vec::new();
+        format::encode_lsns(&dead, &mut body);
+        self.marker(Kind::Purged, body, true).await?;
+        Ok(dead)
+    }
+
+    fn dead_among(&self, lsns: &[u64]) -> Vec<u64> {
+        let st = self.shared.state();
+        lsns.iter()
+            .copied()
+            .filter(|l| matches!(st.tracked.get(l), Some(m) if m.status != Tracked::Pending))
+            .collect()
     }
 
     /// fdatasync everything written so far, whatever the sync mode.

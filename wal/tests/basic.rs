@@ -299,3 +299,30 @@ fn offline_inspection_reports_statuses() {
     assert_eq!(recs[0].lsn, lsns[29]);
     assert_eq!(&st[..2], &["delivered", "failed"][..]);
 }
+
+/// `purge` ends dead letters (never pending entries), durably: after a restart the
+/// purged entry is gone, the other dead letter stays, the pending one stays pending.
+#[tokio::test]
+async fn purge_ends_dead_letters_only_and_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path(), WalConfig::default()).unwrap();
+    let lsns = wal
+        .append(&[entry(1), entry(2), entry(3)])
+        .await
+        .unwrap();
+    wal.mark_failed(lsns[0], 3, "bad").await.unwrap();
+    wal.mark_failed(lsns[1], 3, "bad").await.unwrap();
+    assert_eq!(
+        wal.purge(&[lsns[0], lsns[2], 999]).await.unwrap(),
+        vec![lsns[0]],
+        "only the dead letter is purged"
+    );
+    assert!(wal.purge(&[lsns[0]]).await.unwrap().is_empty());
+    wal.close();
+    drop(wal);
+    let wal = Wal::open(dir.path(), WalConfig::default()).unwrap();
+    let dead: Vec<u64> = wal.dead_letters(None, 10).iter().map(|d| d.lsn).collect();
+    assert_eq!(dead, vec![lsns[1]]);
+    assert_eq!(wal.status_of(lsns[0]), None);
+    assert_eq!(wal.status_of(lsns[2]), Some(Tracked::Pending));
+}

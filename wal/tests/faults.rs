@@ -274,9 +274,10 @@ async fn nothing_takes_effect_before_its_fdatasync_returns() {
 }
 
 /// A version-1 directory (no frame flags, no checkpoint segment list) opens: its
-/// newest segment is sealed, version 2 is written from then on, nothing is lost.
+/// newest segment is sealed, the current version is written from then on,
+/// nothing is lost.
 #[tokio::test]
-async fn a_version_1_wal_opens_and_continues_in_version_2() {
+async fn a_version_1_wal_opens_and_continues_in_the_current_version() {
     use spool_wal::format::{self, FrameParse, Kind, SEGMENT_HEADER_LEN};
     let dir = tempfile::tempdir().unwrap();
     let wal = Wal::open(dir.path(), WalConfig::default()).unwrap();

@@ -6,13 +6,18 @@
 //! [`PostgresDestination`]. [`open`] builds one from a [`DestinationConfig`].
 //!
 //! ## Invariants
-//! - **Idempotent writes.** Rows are keyed by the entry id; writing an entry
-//!   again (a redelivery after a crash) never makes a second row and never changes
-//!   the first: the first write wins.
+//! - **Idempotent writes.** Rows are keyed by the entry id, and keyed entries are
+//!   unique by (source, idempotency_key); writing an entry again (a redelivery
+//!   after a crash, or a retry another node took) never makes a second row and
+//!   never changes the first: the first write wins, the rest are counted.
+//! - **Opening never needs the database.** [`open`] checks the configuration
+//!   only; connections are made, and the schema migrated, at the first use, so
+//!   spool starts while a destination is down.
 //! - **A batch is one transaction.** It is written whole or not at all.
-//! - **Every error is classified** ([`DestinationError::is_transient`]): transient
-//!   means "retry later, the data is fine"; a rejection means "this data will never
-//!   go in". Entries a destination would reject are found before writing and named
+//! - **Every error is classified by who is to blame** ([`DestinationError`]): an
+//!   outage (`Unavailable`: retry, never an attempt), an unknown cause
+//!   (`Transient`: retry, counting attempts), or the entry (`Rejected`: it will
+//!   never go in). Entries a destination would reject are found before writing and named
 //!   by their index in the batch; a rejection without an index means "some entry
 //!   of this batch" and the caller splits the batch to find it.
 //! - **Schema versioned.** Migrations run forward at open; a database whose schema
@@ -65,8 +70,11 @@ pub trait Destination: Send + Sync + 'static {
     /// The configured name.
     fn name(&self) -> &str;
 
-    /// Write a batch in one transaction, upserting by id (first write wins).
-    async fn write_batch(&self, batch: &[LoggedEntry]) -> Result<()>;
+    /// Write a batch in one transaction, inserting what is new (first write wins).
+    /// Answers how many entries of the batch were already held: a redelivery of
+    /// the same id, or a keyed entry whose (source, idempotency_key) another
+    /// spool node stored first.
+    async fn write_batch(&self, batch: &[LoggedEntry]) -> Result<u64>;
 
     /// One entry of `source` by id.
     async fn get(&self, source: &str, id: Uuid) -> Result<Option<StoredEntry>>;
@@ -74,7 +82,8 @@ pub trait Destination: Send + Sync + 'static {
     /// A page of one source's entries, newest first.
     async fn query(&self, q: &Query) -> Result<Page>;
 
-    /// Is the destination reachable and writable?
+    /// Is the destination reachable and writable? The first successful contact
+    /// migrates the schema.
     async fn health(&self) -> Result<()>;
 
     /// Close connections; later calls fail.
@@ -108,7 +117,17 @@ pub struct DestinationConfig {
     /// Connections in the pool (Postgres) / readers (SQLite).
     #[serde(default)]
     pub pool_size: Option<u32>,
+    /// Longest one statement may take — Postgres: `statement_timeout` and a
+    /// client deadline (default 30 s); SQLite: the busy timeout waiting for
+    /// another writer's lock (default 5 s). Past it the destination counts as down.
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<std::time::Duration>,
 }
+
+/// Default of [`DestinationConfig::timeout`] for Postgres.
+pub const DEFAULT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Default of [`DestinationConfig::timeout`] for SQLite (its busy timeout).
+pub const DEFAULT_SQLITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Resolve an `env:NAME` value.
 pub fn resolve_env(value: &str) -> Result<String> {
@@ -120,8 +139,9 @@ pub fn resolve_env(value: &str) -> Result<String> {
     }
 }
 
-/// Open (and migrate) the destination a config describes.
-pub async fn open(cfg: &DestinationConfig) -> Result<Arc<dyn Destination>> {
+/// The destination a config describes. Checks the configuration only: the
+/// database is contacted (and migrated) at the first use.
+pub fn open(cfg: &DestinationConfig) -> Result<Arc<dyn Destination>> {
     let need = |v: &Option<String>, key: &str| {
         v.as_deref().map(resolve_env).transpose()?.ok_or_else(|| {
             DestinationError::Config(format!(
@@ -133,11 +153,21 @@ pub async fn open(cfg: &DestinationConfig) -> Result<Arc<dyn Destination>> {
     Ok(match cfg.kind {
         Kind::Sqlite => {
             let path = need(&cfg.path, "path")?;
-            Arc::new(SqliteDestination::open(&cfg.name, path.as_ref(), cfg.pool_size).await?)
+            Arc::new(SqliteDestination::open(
+                &cfg.name,
+                path.as_ref(),
+                cfg.pool_size,
+                cfg.timeout.unwrap_or(DEFAULT_SQLITE_TIMEOUT),
+            )?)
         }
         Kind::Postgres => {
             let url = need(&cfg.url, "url")?;
-            Arc::new(PostgresDestination::open(&cfg.name, &url, cfg.pool_size).await?)
+            Arc::new(PostgresDestination::open(
+                &cfg.name,
+                &url,
+                cfg.pool_size,
+                cfg.timeout.unwrap_or(DEFAULT_TIMEOUT),
+            )?)
         }
     })
 }

@@ -1,7 +1,13 @@
 //! The PostgreSQL destination.
 //!
-//! A batch is one `INSERT … SELECT FROM UNNEST(…) ON CONFLICT (id) DO NOTHING`
-//! (one statement per batch, arrays bound per column — never one INSERT per row).
+//! A batch is one `INSERT … SELECT FROM UNNEST(…) ON CONFLICT DO NOTHING` (one
+//! statement per batch, arrays bound per column — never one INSERT per row); the
+//! conflict is either the id (a redelivery) or (source, idempotency_key) (a keyed
+//! retry another spool node stored first). The pool connects lazily and the schema
+//! is migrated at the first successful contact, so spool starts while Postgres is
+//! down. Every statement has a server-side `statement_timeout` and a client-side
+//! deadline of the same length: a black-holed connection is an outage, never a
+//! hung worker.
 //! The payload is `jsonb`; full-text search uses a GIN index over
 //! `jsonb_to_tsvector('simple', payload, '["string"]')`, the same words SQLite's
 //! FTS5 index sees.
@@ -11,9 +17,12 @@ use crate::query::{words, Query};
 use crate::{next_cursor, screen, Destination, DestinationError, Page, Result, StoredEntry};
 use async_trait::async_trait;
 use spool_wal::{Entry, LoggedEntry};
-use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Executor, Postgres, QueryBuilder, Row};
+use std::future::Future;
+use std::str::FromStr;
 use std::time::Duration;
+use tokio::sync::OnceCell;
 use uuid::Uuid;
 
 const MIGRATIONS: &[&str] = &[
@@ -34,7 +43,21 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX spool_entries_fts ON spool_entries
         USING gin (jsonb_to_tsvector('simple', payload, '["string"]'));
     "#,
+    // 2: keyed entries are unique per source (several nodes share a database and
+    // each keeps its own key index). Copies stored before this keep the first.
+    r#"
+    DELETE FROM spool_entries a USING spool_entries b
+     WHERE a.idempotency_key IS NOT NULL
+       AND a.source = b.source AND a.idempotency_key = b.idempotency_key
+       AND (a.created_at, a.id) > (b.created_at, b.id);
+    CREATE UNIQUE INDEX spool_entries_by_key ON spool_entries (source, idempotency_key)
+        WHERE idempotency_key IS NOT NULL;
+    "#,
 ];
+
+/// Longest a migration may take (an index build on a large table); ordinary
+/// statements get the destination's `timeout`.
+const MIGRATION_DEADLINE: Duration = Duration::from_secs(600);
 
 /// Advisory lock key serializing migrations of several spool nodes.
 const MIGRATION_LOCK: i64 = 0x5350_4f4f_4c00_0001;
@@ -51,36 +74,77 @@ const TS_END: &str = " * interval '1 microsecond')";
 pub struct PostgresDestination {
     name: String,
     pool: PgPool,
+    timeout: Duration,
+    /// Set once the schema is migrated (at the first successful contact).
+    migrated: OnceCell<()>,
 }
 
 impl PostgresDestination {
-    /// Connect (pool of `pool_size`, default 8) and migrate.
-    pub async fn open(name: &str, url: &str, pool_size: Option<u32>) -> Result<Self> {
+    /// A pool of `pool_size` (default 8) connections to `url`, made lazily: this
+    /// fails only on a malformed URL, never because Postgres is down. Each
+    /// statement may take `timeout` (server-side `statement_timeout` and a client
+    /// deadline). The schema is migrated at the first successful contact
+    /// ([`Destination::health`] makes one).
+    pub fn open(
+        name: &str,
+        url: &str,
+        pool_size: Option<u32>,
+        timeout: Duration,
+    ) -> Result<Self> {
+        let timeout = timeout.max(Duration::from_millis(10));
+        let opts = PgConnectOptions::from_str(url)
+            .map_err(|e| DestinationError::Config(format!("destination {name}: bad url: {e}")))?
+            .options([
+                ("statement_timeout", format!("{}", timeout.as_millis())),
+                (
+                    "idle_in_transaction_session_timeout",
+                    format!("{}", timeout.as_millis()),
+                ),
+            ]);
         let pool = PgPoolOptions::new()
             .max_connections(pool_size.unwrap_or(8).max(1))
-            .acquire_timeout(Duration::from_secs(5))
-            .connect(url)
-            .await
-            .map_err(|e| match e {
-                sqlx::Error::Configuration(c) => {
-                    DestinationError::Config(format!("destination {name}: bad url: {c}"))
-                }
-                other => classify(name, other),
-            })?;
-        let d = PostgresDestination {
+            .acquire_timeout(timeout.min(Duration::from_secs(5)))
+            .connect_lazy_with(opts);
+        Ok(PostgresDestination {
             name: name.to_owned(),
             pool,
-        };
-        d.migrate().await?;
-        Ok(d)
+            timeout,
+            migrated: OnceCell::new(),
+        })
     }
 
     fn err(&self, e: sqlx::Error) -> DestinationError {
         classify(&self.name, e)
     }
 
+    /// Run `op` once the schema is migrated, within the client deadline.
+    async fn run<T, F>(&self, op: F) -> Result<T>
+    where
+        F: Future<Output = std::result::Result<T, sqlx::Error>>,
+    {
+        let deadline = |limit: Duration| DestinationError::Unavailable {
+            destination: self.name.clone(),
+            message: format!("no answer within {limit:?}"),
+        };
+        let migrate = tokio::time::timeout(MIGRATION_DEADLINE, self.migrate());
+        self.migrated
+            .get_or_try_init(|| async {
+                migrate
+                    .await
+                    .unwrap_or_else(|_| Err(deadline(MIGRATION_DEADLINE)))
+            })
+            .await?;
+        tokio::time::timeout(self.timeout, op)
+            .await
+            .map_err(|_| deadline(self.timeout))?
+            .map_err(|e| self.err(e))
+    }
+
     async fn migrate(&self) -> Result<()> {
         let mut tx = self.pool.begin().await.map_err(|e| self.err(e))?;
+        tx.execute("SET LOCAL statement_timeout = 0")
+            .await
+            .map_err(|e| self.err(e))?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(MIGRATION_LOCK)
             .execute(&mut *tx)
@@ -138,9 +202,9 @@ impl Destination for PostgresDestination {
         &self.name
     }
 
-    async fn write_batch(&self, batch: &[LoggedEntry]) -> Result<()> {
+    async fn write_batch(&self, batch: &[LoggedEntry]) -> Result<u64> {
         if batch.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         screen(&self.name, batch, true)?;
         let n = batch.len();
@@ -166,34 +230,39 @@ impl Destination for PostgresDestination {
             payloads.push(std::str::from_utf8(&e.payload).unwrap_or_default());
             created.push(e.accepted_at_us);
         }
-        sqlx::query(
-            "INSERT INTO spool_entries (id, lsn, source, subject, idempotency_key, payload, created_at) \
-             SELECT id, lsn, source, subject, ikey, payload::jsonb, \
-                    timestamptz 'epoch' + created * interval '1 microsecond' \
-             FROM UNNEST($1::uuid[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[], $7::int8[]) \
-                  AS t(id, lsn, source, subject, ikey, payload, created) \
-             ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(&ids)
-        .bind(&lsns)
-        .bind(&sources)
-        .bind(&subjects)
-        .bind(&keys)
-        .bind(&payloads)
-        .bind(&created)
-        .execute(&self.pool)
-        .await
-        .map(drop)
-        .map_err(|e| self.err(e))
+        let done = self
+            .run(
+                sqlx::query(
+                    "INSERT INTO spool_entries (id, lsn, source, subject, idempotency_key, payload, created_at) \
+                     SELECT id, lsn, source, subject, ikey, payload::jsonb, \
+                            timestamptz 'epoch' + created * interval '1 microsecond' \
+                     FROM UNNEST($1::uuid[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[], $7::int8[]) \
+                          AS t(id, lsn, source, subject, ikey, payload, created) \
+                     ON CONFLICT DO NOTHING",
+                )
+                .bind(&ids)
+                .bind(&lsns)
+                .bind(&sources)
+                .bind(&subjects)
+                .bind(&keys)
+                .bind(&payloads)
+                .bind(&created)
+                .execute(&self.pool),
+            )
+            .await?;
+        Ok(n as u64 - done.rows_affected().min(n as u64))
     }
 
     async fn get(&self, source: &str, id: Uuid) -> Result<Option<StoredEntry>> {
-        let row = sqlx::query(&format!("{SELECT} WHERE id = $1 AND source = $2"))
-            .bind(id)
-            .bind(source)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(|e| self.err(e))?;
+        let sql = format!("{SELECT} WHERE id = $1 AND source = $2");
+        let row = self
+            .run(
+                sqlx::query(&sql)
+                    .bind(id)
+                    .bind(source)
+                    .fetch_optional(&self.pool),
+            )
+            .await?;
         Ok(row.map(|r| self.row(&r)))
     }
 
@@ -236,11 +305,7 @@ impl Destination for PostgresDestination {
         }
         qb.push(" ORDER BY created_at DESC, id DESC LIMIT ")
             .push_bind(limit as i64);
-        let rows = qb
-            .build()
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| self.err(e))?;
+        let rows = self.run(qb.build().fetch_all(&self.pool)).await?;
         let entries: Vec<StoredEntry> = rows.iter().map(|r| self.row(r)).collect();
         Ok(Page {
             next_cursor: next_cursor(&entries, limit),
@@ -248,12 +313,25 @@ impl Destination for PostgresDestination {
         })
     }
 
+    /// Reachable, migrated, and writable: a server in recovery (a standby after
+    /// failover) or one with `default_transaction_read_only` is down for spool.
     async fn health(&self) -> Result<()> {
-        sqlx::query("SELECT 1")
-            .execute(&self.pool)
-            .await
-            .map(drop)
-            .map_err(|e| self.err(e))
+        let read_only: bool = self
+            .run(
+                sqlx::query_scalar(
+                    "SELECT pg_is_in_recovery() OR current_setting('transaction_read_only')::bool",
+                )
+                .fetch_one(&self.pool),
+            )
+            .await?;
+        if read_only {
+            return Err(DestinationError::Unavailable {
+                destination: self.name.clone(),
+                message: "the server is read-only (in recovery or default_transaction_read_only)"
+                    .into(),
+            });
+        }
+        Ok(())
     }
 
     async fn close(&self) {

@@ -3,7 +3,10 @@
 //! One writer connection (SQLite has one writer at a time anyway; a single
 //! connection avoids SQLITE_BUSY between our own writers) and a small pool of
 //! readers, all in WAL journal mode with `synchronous=FULL`. A batch is one
-//! transaction of multi-row `INSERT … ON CONFLICT(id) DO NOTHING` statements. A
+//! transaction of multi-row `INSERT … ON CONFLICT DO NOTHING` statements (the
+//! conflict is the id, or the unique (source, idempotency_key)). Connections are
+//! made, and the schema migrated, at the first use, so a database that cannot be
+//! opened yet (locked, read-only, disk full) is an outage, not a failed start. A
 //! contentless FTS5 table indexes the string values of each payload, filled by a
 //! trigger on insert.
 
@@ -19,6 +22,7 @@ use sqlx::sqlite::{
 use sqlx::{Executor, QueryBuilder, Row, Sqlite};
 use std::path::Path;
 use std::time::Duration;
+use tokio::sync::OnceCell;
 use uuid::Uuid;
 
 /// Schema migrations, in order; the schema version is the number applied.
@@ -43,6 +47,23 @@ const MIGRATIONS: &[&str] = &[
         SELECT new.rowid, group_concat(value, ' ') FROM json_tree(new.payload) WHERE type = 'text';
     END;
     "#,
+    // 2: keyed entries are unique per source; copies stored before this keep the
+    // first (their words leave the contentless full-text index too).
+    r#"
+    CREATE TEMP TABLE spool_dup_keys AS
+        SELECT rowid AS r, payload FROM spool_entries
+         WHERE idempotency_key IS NOT NULL
+           AND rowid NOT IN (SELECT min(rowid) FROM spool_entries
+                              WHERE idempotency_key IS NOT NULL
+                              GROUP BY source, idempotency_key);
+    INSERT INTO spool_entries_fts (spool_entries_fts, rowid, body)
+        SELECT 'delete', r, (SELECT group_concat(value, ' ') FROM json_tree(payload) WHERE type = 'text')
+          FROM spool_dup_keys;
+    DELETE FROM spool_entries WHERE rowid IN (SELECT r FROM spool_dup_keys);
+    DROP TABLE spool_dup_keys;
+    CREATE UNIQUE INDEX spool_entries_by_key ON spool_entries (source, idempotency_key)
+        WHERE idempotency_key IS NOT NULL;
+    "#,
 ];
 
 /// Rows per INSERT statement (8 parameters each; SQLite allows 32766).
@@ -53,12 +74,21 @@ pub struct SqliteDestination {
     name: String,
     writer: SqlitePool,
     readers: SqlitePool,
+    /// Set once the schema is migrated (at the first successful use).
+    migrated: OnceCell<()>,
 }
 
 impl SqliteDestination {
-    /// Open (creating and migrating) the database at `path`. `readers` is the size
-    /// of the read pool (default 4).
-    pub async fn open(name: &str, path: &Path, readers: Option<u32>) -> Result<Self> {
+    /// The database at `path` (created if missing, with its directory), connected
+    /// and migrated at the first use: this fails only when the directory cannot be
+    /// created. `readers` is the size of the read pool (default 4); a statement
+    /// waits up to `busy_timeout` for another writer's lock (then: an outage).
+    pub fn open(
+        name: &str,
+        path: &Path,
+        readers: Option<u32>,
+        busy_timeout: Duration,
+    ) -> Result<Self> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| {
                 DestinationError::Config(format!("cannot create {}: {e}", dir.display()))
@@ -69,23 +99,25 @@ impl SqliteDestination {
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(Duration::from_secs(5));
-        let writer = SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_with(opts.clone())
-            .await
-            .map_err(|e| classify(name, e))?;
-        let d = SqliteDestination {
+            .busy_timeout(busy_timeout);
+        Ok(SqliteDestination {
             name: name.to_owned(),
+            writer: SqlitePoolOptions::new()
+                .max_connections(1)
+                .connect_lazy_with(opts.clone()),
             readers: SqlitePoolOptions::new()
                 .max_connections(readers.unwrap_or(4).max(1))
-                .connect_with(opts.read_only(true).create_if_missing(false))
-                .await
-                .map_err(|e| classify(name, e))?,
-            writer,
-        };
-        d.migrate().await?;
-        Ok(d)
+                .connect_lazy_with(opts.read_only(true).create_if_missing(false)),
+            migrated: OnceCell::new(),
+        })
+    }
+
+    /// Migrate once (at the first use that succeeds).
+    async fn ready(&self) -> Result<()> {
+        self.migrated
+            .get_or_try_init(|| self.migrate())
+            .await
+            .map(drop)
     }
 
     fn err(&self, e: sqlx::Error) -> DestinationError {
@@ -153,12 +185,14 @@ impl Destination for SqliteDestination {
         &self.name
     }
 
-    async fn write_batch(&self, batch: &[LoggedEntry]) -> Result<()> {
+    async fn write_batch(&self, batch: &[LoggedEntry]) -> Result<u64> {
         if batch.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         screen(&self.name, batch, false)?;
+        self.ready().await?;
         let now = spool_wal::now_us();
+        let mut inserted = 0;
         let mut tx = self.writer.begin().await.map_err(|e| self.err(e))?;
         for chunk in batch.chunks(ROWS_PER_STATEMENT) {
             let mut qb: QueryBuilder<Sqlite> =
@@ -175,16 +209,20 @@ impl Destination for SqliteDestination {
                     .push_bind(e.accepted_at_us)
                     .push_bind(now);
             });
-            qb.push(" ON CONFLICT (id) DO NOTHING");
-            qb.build()
+            qb.push(" ON CONFLICT DO NOTHING");
+            inserted += qb
+                .build()
                 .execute(&mut *tx)
                 .await
-                .map_err(|e| self.err(e))?;
+                .map_err(|e| self.err(e))?
+                .rows_affected();
         }
-        tx.commit().await.map_err(|e| self.err(e))
+        tx.commit().await.map_err(|e| self.err(e))?;
+        Ok(batch.len() as u64 - inserted.min(batch.len() as u64))
     }
 
     async fn get(&self, source: &str, id: Uuid) -> Result<Option<StoredEntry>> {
+        self.ready().await?;
         let row = sqlx::query(&format!(
             "SELECT {COLUMNS} FROM spool_entries WHERE id = ? AND source = ?"
         ))
@@ -198,6 +236,7 @@ impl Destination for SqliteDestination {
 
     async fn query(&self, q: &Query) -> Result<Page> {
         let (limit, cursor) = q.checked()?;
+        self.ready().await?;
         let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(format!(
             "SELECT {COLUMNS} FROM spool_entries WHERE source = "
         ));
@@ -249,6 +288,7 @@ impl Destination for SqliteDestination {
     }
 
     async fn health(&self) -> Result<()> {
+        self.ready().await?;
         sqlx::query("SELECT 1")
             .execute(&self.writer)
             .await

@@ -11,8 +11,7 @@ use suite::*;
 async fn fresh() -> Dest {
     let url = PgServer::shared().fresh_database();
     Arc::new(
-        PostgresDestination::open("main", &url, Some(4))
-            .await
+        PostgresDestination::open("main", &url, Some(4), spool_destination::DEFAULT_TIMEOUT)
             .unwrap(),
     )
 }
@@ -55,9 +54,9 @@ async fn injection() {
 #[tokio::test]
 async fn a_constraint_the_screen_cannot_see_is_a_rejection_without_index() {
     let url = PgServer::shared().fresh_database();
-    let d = PostgresDestination::open("main", &url, Some(2))
-        .await
+    let d = PostgresDestination::open("main", &url, Some(2), spool_destination::DEFAULT_TIMEOUT)
         .unwrap();
+    d.health().await.unwrap();
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
     sqlx::query(
         "ALTER TABLE spool_entries ADD CONSTRAINT short_subject CHECK (length(subject) < 10)",
@@ -83,15 +82,13 @@ async fn a_constraint_the_screen_cannot_see_is_a_rejection_without_index() {
 #[tokio::test]
 async fn migrations_on_existing_database_and_newer_schema_refused() {
     let url = PgServer::shared().fresh_database();
-    let d = PostgresDestination::open("main", &url, Some(2))
-        .await
+    let d = PostgresDestination::open("main", &url, Some(2), spool_destination::DEFAULT_TIMEOUT)
         .unwrap();
     d.write_batch(&[logged(1, "m", None, r#"{"a":1}"#, 1)])
         .await
         .unwrap();
     d.close().await;
-    let d = PostgresDestination::open("main", &url, Some(2))
-        .await
+    let d = PostgresDestination::open("main", &url, Some(2), spool_destination::DEFAULT_TIMEOUT)
         .unwrap();
     let page = d
         .query(&Query {
@@ -107,14 +104,13 @@ async fn migrations_on_existing_database_and_newer_schema_refused() {
         .execute(&pool)
         .await
         .unwrap();
-    match PostgresDestination::open("main", &url, Some(2)).await {
-        Err(DestinationError::SchemaTooNew {
-            found: 99,
-            known: 1,
-            ..
-        }) => {}
+    // Opening needs no database; the first contact refuses the newer schema.
+    let d = PostgresDestination::open("main", &url, Some(2), spool_destination::DEFAULT_TIMEOUT)
+        .unwrap();
+    match d.health().await {
+        Err(DestinationError::SchemaTooNew { found: 99, .. }) => {}
         Err(e) => panic!("expected SchemaTooNew, got {e}"),
-        Ok(_) => panic!("expected SchemaTooNew, opened"),
+        Ok(()) => panic!("expected SchemaTooNew, opened"),
     }
 }
 
@@ -124,7 +120,11 @@ async fn concurrent_opens_migrate_once() {
     let opens: Vec<_> = (0..4)
         .map(|_| {
             let url = url.clone();
-            tokio::spawn(async move { PostgresDestination::open("main", &url, Some(2)).await })
+            tokio::spawn(async move {
+                let d = PostgresDestination::open("main", &url, Some(2), spool_destination::DEFAULT_TIMEOUT)
+                    .unwrap();
+                d.health().await
+            })
         })
         .collect();
     for o in opens {
@@ -135,8 +135,7 @@ async fn concurrent_opens_migrate_once() {
 #[tokio::test]
 async fn a_stopped_server_is_transient_and_writes_resume_after_restart() {
     let mut pg = PgServer::start();
-    let d = PostgresDestination::open("main", pg.url(), Some(2))
-        .await
+    let d = PostgresDestination::open("main", pg.url(), Some(2), spool_destination::DEFAULT_TIMEOUT)
         .unwrap();
     d.write_batch(&[logged(1, "t", None, r#"{"a":1}"#, 1)])
         .await
@@ -146,8 +145,8 @@ async fn a_stopped_server_is_transient_and_writes_resume_after_restart() {
         .write_batch(&[logged(2, "t", None, r#"{"a":2}"#, 2)])
         .await
         .unwrap_err();
-    assert!(err.is_transient(), "outage classified as {err}");
-    assert!(d.health().await.unwrap_err().is_transient());
+    assert!(err.is_outage(), "outage classified as {err}");
+    assert!(d.health().await.unwrap_err().is_outage());
     pg.restart();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
@@ -155,7 +154,7 @@ async fn a_stopped_server_is_transient_and_writes_resume_after_restart() {
             .write_batch(&[logged(2, "t", None, r#"{"a":2}"#, 2)])
             .await
         {
-            Ok(()) => break,
+            Ok(_) => break,
             Err(e) if e.is_transient() && std::time::Instant::now() < deadline => {
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await
             }
@@ -170,4 +169,196 @@ async fn a_stopped_server_is_transient_and_writes_resume_after_restart() {
         .await
         .unwrap();
     assert_eq!(page.entries.len(), 2);
+}
+
+/// `url` with its host:port replaced by `addr`, and the socket address it named.
+fn via(url: &str, addr: std::net::SocketAddr) -> (String, std::net::SocketAddr) {
+    let (scheme_user, rest) = url.split_once('@').unwrap();
+    let (hostport, db) = rest.split_once('/').unwrap();
+    (
+        format!("{scheme_user}@{addr}/{db}"),
+        hostport.parse().unwrap(),
+    )
+}
+
+/// Run `;`-separated statements one by one on one connection.
+async fn exec(url: &str, sql: &str) {
+    use sqlx::Connection;
+    let mut c = sqlx::PgConnection::connect(url).await.unwrap();
+    for stmt in sql.split(';').filter(|s| !s.trim().is_empty()) {
+        sqlx::raw_sql(stmt).execute(&mut c).await.unwrap();
+    }
+    c.close().await.unwrap();
+}
+
+/// Opening never needs the server: a destination made while Postgres is down
+/// reports an outage, then migrates and writes at the first contact once it is up.
+#[tokio::test]
+async fn a_destination_opened_while_the_server_is_down_migrates_at_first_contact() {
+    let mut pg = PgServer::start();
+    pg.stop();
+    let d = PostgresDestination::open("main", pg.url(), Some(2), std::time::Duration::from_secs(5))
+        .expect("open needs no server");
+    let err = d.health().await.unwrap_err();
+    assert!(err.is_outage(), "{err}");
+    let one = logged(1, "t", None, r#"{"a":1}"#, 1);
+    let err = d.write_batch(std::slice::from_ref(&one)).await.unwrap_err();
+    assert!(err.is_outage(), "{err}");
+    pg.restart();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while let Err(e) = d.health().await {
+        assert!(e.is_outage() && std::time::Instant::now() < deadline, "{e}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    d.write_batch(std::slice::from_ref(&one)).await.unwrap();
+    assert!(d.get("t", one.entry.id).await.unwrap().is_some());
+}
+
+/// A server that went read-only (a standby after failover, or
+/// `default_transaction_read_only`) is an outage: writes and the health check
+/// say unavailable, never "rejected".
+#[tokio::test]
+async fn a_read_only_server_is_an_outage_not_a_rejection() {
+    let url = PgServer::shared().fresh_database();
+    let db = url.rsplit('/').next().unwrap().to_owned();
+    let d = PostgresDestination::open("main", &url, Some(1), spool_destination::DEFAULT_TIMEOUT)
+        .unwrap();
+    d.health().await.unwrap();
+    exec(&url, &format!("ALTER DATABASE {db} SET default_transaction_read_only = on")).await;
+    // The setting applies to new sessions: a fresh destination (pool) sees it.
+    let ro = PostgresDestination::open("main", &url, Some(1), spool_destination::DEFAULT_TIMEOUT)
+        .unwrap();
+    let err = ro
+        .write_batch(&[logged(1, "t", None, r#"{"a":1}"#, 1)])
+        .await
+        .unwrap_err();
+    assert!(err.is_outage(), "read-only write classified as {err}");
+    let err = ro.health().await.unwrap_err();
+    assert!(err.is_outage() && err.to_string().contains("read-only"), "{err}");
+    exec(
+        &url,
+        &format!(
+            "SET default_transaction_read_only = off; \
+             ALTER DATABASE {db} SET default_transaction_read_only = off"
+        ),
+    )
+    .await;
+    let rw = PostgresDestination::open("main", &url, Some(1), spool_destination::DEFAULT_TIMEOUT)
+        .unwrap();
+    rw.write_batch(&[logged(1, "t", None, r#"{"a":1}"#, 1)])
+        .await
+        .unwrap();
+}
+
+/// A lock held by someone else past the statement timeout is an outage
+/// (57014 / 55P03), never an attempt against the entries.
+#[tokio::test]
+async fn a_lock_held_past_the_statement_timeout_is_an_outage() {
+    let url = PgServer::shared().fresh_database();
+    let d = PostgresDestination::open("main", &url, Some(1), std::time::Duration::from_millis(500))
+        .unwrap();
+    d.health().await.unwrap();
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE spool_entries IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let err = d
+        .write_batch(&[logged(1, "t", None, r#"{"a":1}"#, 1)])
+        .await
+        .unwrap_err();
+    assert!(err.is_outage(), "lock timeout classified as {err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    tx.rollback().await.unwrap();
+    d.write_batch(&[logged(1, "t", None, r#"{"a":1}"#, 1)])
+        .await
+        .unwrap();
+}
+
+/// A connection that stops answering (no RST, no FIN) is an outage within the
+/// destination's timeout, not a worker hung forever; writes resume after.
+#[tokio::test]
+async fn a_black_holed_connection_times_out_as_an_outage() {
+    let url = PgServer::shared().fresh_database();
+    let (_, upstream) = via(&url, "127.0.0.1:1".parse().unwrap());
+    let hole = spool_testkit::BlackHole::start(upstream);
+    let (proxied, _) = via(&url, hole.addr());
+    let d = PostgresDestination::open("main", &proxied, Some(1), std::time::Duration::from_secs(1))
+        .unwrap();
+    d.write_batch(&[logged(1, "t", None, r#"{"a":1}"#, 1)])
+        .await
+        .unwrap();
+    hole.freeze();
+    let started = std::time::Instant::now();
+    let err = d
+        .write_batch(&[logged(2, "t", None, r#"{"a":2}"#, 2)])
+        .await
+        .unwrap_err();
+    assert!(err.is_outage(), "{err}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    hole.thaw();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while let Err(e) = d
+        .write_batch(&[logged(2, "t", None, r#"{"a":2}"#, 2)])
+        .await
+    {
+        assert!(e.is_outage() && std::time::Instant::now() < deadline, "{e}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// "string is too long for tsvector" (54000) is the entry's fault: a rejection,
+/// so the engine isolates that entry instead of retrying the batch.
+#[tokio::test]
+async fn a_tsvector_overflow_is_a_rejection_of_the_entry() {
+    let d = fresh().await;
+    // ~1.3 MB of distinct words: past tsvector's 1 MiB limit.
+    let words: Vec<String> = (0..120_000).map(|i| format!("w{i:08x}")).collect();
+    let payload = serde_json::json!({ "text": words.join(" ") }).to_string();
+    let batch = vec![
+        logged(1, "t", None, r#"{"a":1}"#, 1),
+        logged(2, "t", None, &payload, 2),
+    ];
+    let err = d.write_batch(&batch).await.unwrap_err();
+    assert!(err.is_rejection(), "tsvector overflow classified as {err}");
+    assert_eq!(d.write_batch(&batch[..1]).await.unwrap(), 0);
+}
+
+/// Keyed entries are unique by (source, idempotency_key): a copy under another
+/// id (a retry another node took) is dropped and counted; another source may
+/// use the same key.
+#[tokio::test]
+async fn keyed_entries_are_unique_per_source() {
+    keyed_entries_are_unique_per_source_and_copies_are_counted(fresh().await).await;
+}
+
+/// Migration 2 on a database that already holds copies of a key keeps the first.
+#[tokio::test]
+async fn the_key_migration_keeps_the_first_of_existing_copies() {
+    let url = PgServer::shared().fresh_database();
+    let d = PostgresDestination::open("main", &url, Some(1), spool_destination::DEFAULT_TIMEOUT)
+        .unwrap();
+    d.health().await.unwrap();
+    // Back to version 1 with two copies of one key.
+    exec(
+        &url,
+        "DROP INDEX spool_entries_by_key; DELETE FROM spool_schema WHERE version = 2;",
+    )
+    .await;
+    let mut a = logged(1, "s", None, r#"{"a":1}"#, 1);
+    let mut b = logged(2, "s", None, r#"{"a":2}"#, 2);
+    a.entry.idempotency_key = Some("k".into());
+    b.entry.idempotency_key = Some("k".into());
+    d.write_batch(&[a.clone(), b.clone()]).await.unwrap();
+    let again = PostgresDestination::open("main", &url, Some(1), spool_destination::DEFAULT_TIMEOUT)
+        .unwrap();
+    again.health().await.unwrap();
+    assert!(again.get("s", a.entry.id).await.unwrap().is_some());
+    assert!(again.get("s", b.entry.id).await.unwrap().is_none());
 }

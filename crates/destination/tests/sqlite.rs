@@ -13,8 +13,9 @@ async fn fresh() -> (tempfile::TempDir, Dest) {
         path: Some(dir.path().join("db/spool.db").to_str().unwrap().into()),
         url: None,
         pool_size: None,
+        timeout: None,
     };
-    let d = open(&cfg).await.unwrap();
+    let d = open(&cfg).unwrap();
     (dir, d)
 }
 
@@ -28,6 +29,12 @@ async fn redelivery() {
 async fn poison() {
     let (_t, d) = fresh().await;
     a_poison_entry_is_named_and_the_rest_can_be_written(d, "{not json").await;
+}
+
+#[tokio::test]
+async fn keyed_entries_are_unique_per_source() {
+    let (_t, d) = fresh().await;
+    keyed_entries_are_unique_per_source_and_copies_are_counted(d).await;
 }
 
 #[tokio::test]
@@ -58,14 +65,14 @@ async fn injection() {
 async fn migrations_on_existing_database_and_newer_schema_refused() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("spool.db");
-    let d = SqliteDestination::open("main", &path, None).await.unwrap();
+    let d = SqliteDestination::open("main", &path, None, spool_destination::DEFAULT_SQLITE_TIMEOUT).unwrap();
     use spool_destination::Destination;
     d.write_batch(&[logged(1, "m", None, r#"{"a":1}"#, 1)])
         .await
         .unwrap();
     d.close().await;
     // Reopen: nothing re-applied, data intact.
-    let d = SqliteDestination::open("main", &path, None).await.unwrap();
+    let d = SqliteDestination::open("main", &path, None, spool_destination::DEFAULT_SQLITE_TIMEOUT).unwrap();
     let page = d
         .query(&spool_destination::Query {
             source: "m".into(),
@@ -84,14 +91,13 @@ async fn migrations_on_existing_database_and_newer_schema_refused() {
         .await
         .unwrap();
     pool.close().await;
-    match SqliteDestination::open("main", &path, None).await {
-        Err(DestinationError::SchemaTooNew {
-            found: 99,
-            known: 1,
-            ..
-        }) => {}
+    // Opening needs no database; the first contact refuses the newer schema.
+    let d = SqliteDestination::open("main", &path, None, spool_destination::DEFAULT_SQLITE_TIMEOUT)
+        .unwrap();
+    match d.health().await {
+        Err(DestinationError::SchemaTooNew { found: 99, .. }) => {}
         Err(e) => panic!("expected SchemaTooNew, got {e}"),
-        Ok(_) => panic!("expected SchemaTooNew, opened"),
+        Ok(()) => panic!("expected SchemaTooNew, opened"),
     }
 }
 
@@ -99,7 +105,9 @@ async fn migrations_on_existing_database_and_newer_schema_refused() {
 async fn the_database_file_is_in_wal_journal_mode() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("spool.db");
-    let _d = SqliteDestination::open("main", &path, None).await.unwrap();
+    let d = SqliteDestination::open("main", &path, None, spool_destination::DEFAULT_SQLITE_TIMEOUT).unwrap();
+    use spool_destination::Destination;
+    d.health().await.unwrap();
     // journal_mode=WAL is persistent in the file: a fresh connection sees it.
     let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
         .await

@@ -18,6 +18,39 @@ pub fn jittered(attempt: u32, initial: Duration, max: Duration) -> Duration {
     delay(attempt, initial, max, rand::random::<f64>())
 }
 
+/// A retry sequence: the n-th call of [`Backoff::next`] is [`jittered`]`(n)`,
+/// never below `floor` (a probe loop must not spin when the jitter draws 0).
+/// The one backoff of the engine: batch retries, outage probes, WAL markers.
+#[derive(Debug, Clone)]
+pub(crate) struct Backoff {
+    attempt: u32,
+    initial: Duration,
+    max: Duration,
+    floor: Duration,
+}
+
+impl Backoff {
+    pub fn new(initial: Duration, max: Duration, floor: Duration) -> Backoff {
+        Backoff {
+            attempt: 0,
+            initial,
+            max,
+            floor,
+        }
+    }
+
+    /// Retries so far.
+    pub fn attempts(&self) -> u32 {
+        self.attempt
+    }
+
+    /// The next delay.
+    pub fn next(&mut self) -> Duration {
+        self.attempt = self.attempt.saturating_add(1);
+        jittered(self.attempt, self.initial, self.max).max(self.floor.min(self.max))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

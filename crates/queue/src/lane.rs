@@ -3,8 +3,10 @@
 //!
 //! Capacity is reserved *before* the WAL append and released when an entry is
 //! terminal (delivered or failed) or dropped at shutdown. An entry is held from
-//! the moment it is pushed until it is released; the feeder never pushes an LSN
-//! that is held, so nothing is delivered twice by the same process.
+//! the moment it is pushed until it is released; an LSN that is held is never
+//! queued twice, so nothing is delivered twice by the same process. An LSN pushed
+//! while still held (a dead letter requeued while its worker is still recording
+//! the failure) is redriven once it is released, never dropped.
 
 use spool_destination::Destination;
 use spool_wal::LoggedEntry;
@@ -25,6 +27,8 @@ pub(crate) struct Lane {
     /// Capacity was released, or requeued entries await feeding.
     pub space: Notify,
     pub up: AtomicBool,
+    /// Why the destination is down (the last outage error), while it is.
+    down_reason: Mutex<Option<String>>,
     rate: Mutex<Rate>,
 }
 
@@ -35,6 +39,8 @@ struct LaneState {
     closed: bool,
     /// Requeued dead letters waiting for the feeder.
     requeued: BTreeSet<u64>,
+    /// Pushed while held: requeued when released.
+    redrive: HashSet<u64>,
 }
 
 /// Delivered entries per second, over windows of about a second.
@@ -55,6 +61,7 @@ impl Lane {
             work: Notify::new(),
             space: Notify::new(),
             up: AtomicBool::new(true),
+            down_reason: Mutex::new(None),
             rate: Mutex::new(Rate {
                 since: Instant::now(),
                 count: 0,
@@ -91,7 +98,8 @@ impl Lane {
     }
 
     /// Queue reserved entries for the workers. Entries already held are not
-    /// queued again, and their reservation is given back.
+    /// queued again (their reservation is given back): they are fed again once
+    /// released, in case their holder ends them before they were pushed.
     pub fn push(&self, entries: impl IntoIterator<Item = LoggedEntry>) {
         let mut dup = 0;
         {
@@ -100,6 +108,7 @@ impl Lane {
                 if st.held.insert(e.lsn) {
                     st.items.push_back(e);
                 } else {
+                    st.redrive.insert(e.lsn);
                     dup += 1;
                 }
             }
@@ -116,6 +125,9 @@ impl Lane {
             let mut st = self.st();
             for l in lsns {
                 st.held.remove(l);
+                if st.redrive.remove(l) {
+                    st.requeued.insert(*l);
+                }
             }
         }
         self.used.fetch_sub(lsns.len(), Ordering::AcqRel);
@@ -199,6 +211,26 @@ impl Lane {
     pub fn add_requeued(&self, lsns: impl IntoIterator<Item = u64>) {
         self.st().requeued.extend(lsns);
         self.space.notify_waiters();
+    }
+
+    /// Requeued LSNs the feeder took but found no room for: back in the set,
+    /// without waking the feeder (it waits for capacity instead).
+    pub fn return_requeued(&self, lsns: impl IntoIterator<Item = u64>) {
+        self.st().requeued.extend(lsns);
+    }
+
+    /// Mark the destination down (with why) or up. Answers whether it changed.
+    pub fn set_up(&self, up: bool, reason: Option<String>) -> bool {
+        *self.down_reason.lock().unwrap_or_else(|p| p.into_inner()) = reason;
+        self.up.swap(up, Ordering::AcqRel) != up
+    }
+
+    /// Why the destination is down, while it is.
+    pub fn down_reason(&self) -> Option<String> {
+        self.down_reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Up to `n` requeued LSNs to feed, removed from the set.

@@ -17,10 +17,17 @@
 //!   only then, or when shutdown gives up on it (it stays pending in the WAL).
 //! - **No entry is stranded.** Entries pending in the WAL at start, and dead letters
 //!   requeued by an operator, are fed into the queue by a feeder as capacity frees.
-//! - **An outage is not a failure.** When a write fails transiently and the
-//!   destination's health check fails too, the worker pauses and probes instead of
-//!   counting attempts: an outage alone never makes dead letters. Producers see
-//!   `Full` once the queue fills.
+//! - **An outage is not a failure.** Errors are classified by who is to blame
+//!   (`DestinationError`): an outage of any kind (unreachable, read-only, full,
+//!   locked, timed out) pauses the lane and probes, never counting an attempt;
+//!   only an entry's own errors burn attempts or make dead letters. Producers see
+//!   `Full` once the queue fills. The engine starts while a destination is down.
+//! - **Dead letters wait for an operator**: kept through retention until
+//!   [`Engine::requeue`] or [`Engine::purge`]. A requeue that races the failure
+//!   being recorded is redriven when the worker lets go of the entry.
+//! - **One door.** The server reaches the WAL and destinations only through the
+//!   engine; every background task runs in one `TaskTracker` stopped by one
+//!   `CancellationToken` at drain.
 //! - **Every receipt settles once**: delivered, failed (with reason), or — at its
 //!   deadline or at shutdown — still pending ("not confirmed", never a failure).
 //! - **Drain runs once**, however often and concurrently [`Engine::shutdown`] is
@@ -34,7 +41,7 @@
 //! use spool_queue::{Engine, EngineConfig};
 //! use spool_wal::{Entry, Wal, WalConfig};
 //! let wal = Wal::open("./data/wal", WalConfig::default())?;
-//! let sqlite = spool_destination::SqliteDestination::open("main", "./data/spool.db".as_ref(), None).await?;
+//! let sqlite = spool_destination::SqliteDestination::open("main", "./data/spool.db".as_ref(), None, spool_destination::DEFAULT_SQLITE_TIMEOUT)?;
 //! let engine = Engine::start(wal, vec![std::sync::Arc::new(sqlite)], EngineConfig::default())?;
 //! let receipt = engine
 //!     .ingest(vec![Entry::new("agents", "main", br#"{"text":"hi"}"#.to_vec())], true)
@@ -46,13 +53,18 @@
 //! ```
 
 mod backoff;
+mod deliver;
+pub mod dlq;
 mod engine;
+mod ingest;
 mod keys;
 mod lane;
+mod tasks;
 
 pub use backoff::{delay as backoff_delay, jittered};
-pub use engine::{Engine, LaneStats, ShutdownReport};
-pub use spool_wal::{DeadLetter, Entry, LoggedEntry};
+pub use dlq::{DlqOutcome, Select};
+pub use engine::{Check, Engine, EntryStatus, Found, LaneStats, ShutdownReport};
+pub use spool_wal::{DeadLetter, Entry, LoggedEntry, RecoveryReport, RetentionReport, WalStatus};
 
 use std::time::Duration;
 use uuid::Uuid;
@@ -79,6 +91,10 @@ pub struct EngineConfig {
     /// Directory of the idempotency-key index (sled). `None` keeps it in memory
     /// and rebuilds it from the WAL at every start.
     pub key_index: Option<std::path::PathBuf>,
+    /// How often WAL retention runs.
+    pub retention_every: Duration,
+    /// Writes are refused while free disk under the WAL is below this (0: never).
+    pub min_free_bytes: u64,
 }
 
 impl Default for EngineConfig {
@@ -93,6 +109,8 @@ impl Default for EngineConfig {
             backoff_max: Duration::from_secs(60),
             idempotency_window: Duration::from_secs(24 * 3600),
             key_index: None,
+            retention_every: Duration::from_secs(60),
+            min_free_bytes: 0,
         }
     }
 }
@@ -138,6 +156,14 @@ pub enum IngestError {
     /// The engine is shutting down.
     #[error("shutting down")]
     Closed,
+    /// Free disk under the WAL is below `min_free_bytes`.
+    #[error("{free} bytes free under the WAL, below the minimum of {min}")]
+    LowDisk {
+        /// Free bytes (last reading).
+        free: u64,
+        /// The configured minimum.
+        min: u64,
+    },
     /// An entry names a destination the engine does not have.
     #[error("unknown destination {0:?}")]
     UnknownDestination(String),
@@ -167,6 +193,11 @@ pub trait EngineObserver: Send + Sync + 'static {
     /// Entries became dead letters; `reason` is "rejected" or "max_attempts".
     fn failed(&self, destination: &str, reason: &'static str, n: u64) {
         let _ = (destination, reason, n);
+    }
+    /// `n` entries of a delivered batch were already in `destination` (a
+    /// redelivery, or a keyed entry another node stored first).
+    fn duplicates(&self, destination: &str, n: u64) {
+        let _ = (destination, n);
     }
     /// `destination` went down (outage detected) or came back.
     fn destination_up(&self, destination: &str, up: bool) {

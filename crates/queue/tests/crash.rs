@@ -21,8 +21,7 @@ const CHILD_ENV: &str = "SPOOL_QUEUE_CRASH_CHILD_DIR";
 
 async fn engine(dir: &Path) -> (Engine, Arc<SqliteDestination>) {
     let db = Arc::new(
-        SqliteDestination::open("main", &dir.join("spool.db"), None)
-            .await
+        SqliteDestination::open("main", &dir.join("spool.db"), None, spool_destination::DEFAULT_SQLITE_TIMEOUT)
             .unwrap(),
     );
     let wal = Wal::open(dir.join("wal"), WalConfig::default()).unwrap();
@@ -140,11 +139,11 @@ async fn acknowledged_entries_are_delivered_exactly_once_after_sigkill() {
     // Restart once more and let the engine finish the backlog.
     let (engine, db) = engine(dir.path()).await;
     let deadline = Instant::now() + Duration::from_secs(60);
-    while engine.wal().status().pending > 0 {
+    while engine.wal_status().pending > 0 {
         assert!(
             Instant::now() < deadline,
             "backlog not delivered: {:?}",
-            engine.wal().status()
+            engine.wal_status()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use spool_destination::{Destination, Query, SqliteDestination};
-use spool_queue::{backoff_delay, Engine, EngineConfig, IngestError, Outcome};
+use spool_queue::{backoff_delay, Engine, EngineConfig, IngestError, Outcome, Select};
 use spool_wal::{Wal, WalConfig};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -32,8 +32,7 @@ fn wal(dir: &std::path::Path) -> Wal {
 async fn concurrent_producers_are_delivered_to_sqlite_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
     let db = Arc::new(
-        SqliteDestination::open("main", &dir.path().join("spool.db"), None)
-            .await
+        SqliteDestination::open("main", &dir.path().join("spool.db"), None, spool_destination::DEFAULT_SQLITE_TIMEOUT)
             .unwrap(),
     );
     let engine = Engine::start(wal(&dir.path().join("wal")), vec![db.clone()], cfg()).unwrap();
@@ -68,7 +67,7 @@ async fn concurrent_producers_are_delivered_to_sqlite_exactly_once() {
     for id in &ids[..50] {
         assert!(db.get("agents", *id).await.unwrap().is_some());
     }
-    assert_eq!(engine.wal().status().pending, 0);
+    assert_eq!(engine.wal_status().pending, 0);
     let r = engine.shutdown(Duration::from_secs(5)).await;
     assert_eq!(r.left_pending, 0);
 }
@@ -95,7 +94,7 @@ async fn a_full_queue_refuses_and_writes_nothing() {
         .ingest((6..10).map(entry).collect(), false)
         .await
         .unwrap();
-    let before = engine.wal().status();
+    let before = engine.wal_status();
     match engine.ingest(vec![entry(10)], false).await {
         Err(IngestError::Full {
             destination,
@@ -111,7 +110,7 @@ async fn a_full_queue_refuses_and_writes_nothing() {
         .ingest(vec![entry(11), entry(12)], false)
         .await
         .is_err());
-    let after = engine.wal().status();
+    let after = engine.wal_status();
     assert_eq!(
         after.visible_lsn, before.visible_lsn,
         "a refused call reached the WAL"
@@ -149,7 +148,7 @@ async fn max_attempts_make_a_dead_letter_that_requeue_delivers() {
     let r = engine.ingest(vec![entry(1)], true).await.unwrap();
     let id = r.accepted[0].id;
     match &r.outcomes().await[0] {
-        Outcome::Failed { reason } => assert!(reason.contains("serialization"), "{reason}"),
+        Outcome::Failed { reason } => assert!(reason.contains("internal error"), "{reason}"),
         o => panic!("expected failure, got {o:?}"),
     }
     assert_eq!(dest.attempts.lock().unwrap().len(), 5);
@@ -158,13 +157,14 @@ async fn max_attempts_make_a_dead_letter_that_requeue_delivers() {
     assert_eq!((dead[0].id, dead[0].attempts), (id, 5));
     assert!(matches!(
         engine.status(id),
-        Some((_, spool_wal::Tracked::Dead { attempts: 5, .. }))
+        Some(spool_queue::EntryStatus::Failed { attempts: 5, .. })
     ));
     // Capacity was released with the failure.
     assert_eq!(engine.lanes()[0].in_flight, 0);
 
     dest.fail_always.store(false, Ordering::SeqCst);
-    assert_eq!(engine.requeue(Some(&[id])).await.unwrap(), vec![id]);
+    let out = engine.requeue(Select::Ids(&[id])).await.unwrap();
+    assert_eq!(out.done.iter().map(|d| d.id).collect::<Vec<_>>(), vec![id]);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while dest.row_count() == 0 {
         assert!(
@@ -327,7 +327,7 @@ async fn a_wal_backlog_larger_than_the_queue_is_fed_without_restart() {
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    while engine.wal().status().pending > 0 {
+    while engine.wal_status().pending > 0 {
         assert!(std::time::Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -355,5 +355,5 @@ async fn an_unknown_destination_is_refused_before_anything_is_written() {
         engine.ingest(vec![entry(0), e], false).await,
         Err(IngestError::UnknownDestination(_))
     ));
-    assert_eq!(engine.wal().status().visible_lsn, 0);
+    assert_eq!(engine.wal_status().visible_lsn, 0);
 }

@@ -46,7 +46,7 @@ async fn a_repeated_key_answers_the_original_and_writes_nothing() {
     assert!(!first.any_replayed());
     let original = first.accepted[0].clone();
     assert_eq!(first.outcomes().await, vec![Outcome::Delivered]);
-    let lsn_before = engine.wal().status().visible_lsn;
+    let lsn_before = engine.wal_status().visible_lsn;
 
     let again = engine
         .ingest(vec![keyed("agents", "k1", 2)], true)
@@ -63,7 +63,7 @@ async fn a_repeated_key_answers_the_original_and_writes_nothing() {
         "current status of the original"
     );
     assert_eq!(
-        engine.wal().status().visible_lsn,
+        engine.wal_status().visible_lsn,
         lsn_before,
         "a replay reached the WAL"
     );
@@ -145,14 +145,14 @@ async fn concurrent_duplicates_write_exactly_one_entry() {
             .windows(2)
             .all(|w| (w[0].id, w[0].lsn) == (w[1].id, w[1].lsn)));
     }
+    engine.shutdown(Duration::from_secs(5)).await;
     // 20 keyed entries and 8 × 20 unkeyed ones, nothing more.
-    let wal_entries = engine
-        .wal()
+    let wal = spool_wal::Wal::open(dir.path().join("wal"), spool_wal::WalConfig::default()).unwrap();
+    let wal_entries = wal
         .reader(1)
         .filter(|r| matches!(r, Ok((_, spool_wal::Record::Entry(_)))))
         .count();
     assert_eq!(wal_entries, 20 + 8 * 20);
-    engine.shutdown(Duration::from_secs(5)).await;
 }
 
 #[tokio::test]

@@ -61,8 +61,7 @@ async fn poison_is_isolated(dest: Arc<dyn Destination>, bad: &str) {
 #[tokio::test]
 async fn sqlite_poison_entry_is_isolated() {
     let dir = tempfile::tempdir().unwrap();
-    let db = SqliteDestination::open("main", &dir.path().join("spool.db"), None)
-        .await
+    let db = SqliteDestination::open("main", &dir.path().join("spool.db"), None, spool_destination::DEFAULT_SQLITE_TIMEOUT)
         .unwrap();
     poison_is_isolated(Arc::new(db), "{not json").await;
 }
@@ -70,8 +69,7 @@ async fn sqlite_poison_entry_is_isolated() {
 #[tokio::test]
 async fn postgres_poison_entry_is_isolated() {
     let url = PgServer::shared().fresh_database();
-    let db = PostgresDestination::open("main", &url, Some(2))
-        .await
+    let db = PostgresDestination::open("main", &url, Some(2), spool_destination::DEFAULT_TIMEOUT)
         .unwrap();
     poison_is_isolated(Arc::new(db), r#"{"a":"x\u0000y"}"#).await;
 }
@@ -80,8 +78,7 @@ async fn postgres_poison_entry_is_isolated() {
 async fn postgres_outage_sheds_without_dead_letters_and_delivers_after_recovery() {
     let mut pg = PgServer::start();
     let dest = Arc::new(
-        PostgresDestination::open("main", pg.url(), Some(2))
-            .await
+        PostgresDestination::open("main", pg.url(), Some(2), spool_destination::DEFAULT_TIMEOUT)
             .unwrap(),
     );
     let dir = tempfile::tempdir().unwrap();

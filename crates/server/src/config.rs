@@ -289,6 +289,7 @@ impl Config {
                 path: Some(data.join("spool.db").to_string_lossy().into_owned()),
                 url: None,
                 pool_size: None,
+                timeout: None,
             });
         }
         if self.sources.is_empty() {
@@ -435,6 +436,8 @@ impl Config {
             backoff_max: q.backoff_max,
             idempotency_window: self.idempotency.window,
             key_index: Some(self.wal.dir.join("keys")),
+            min_free_bytes: self.wal.min_free_bytes,
+            ..spool_queue::EngineConfig::default()
         }
     }
 }

@@ -21,8 +21,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use spool_destination::{DestinationError, Query as DestQuery};
-use spool_queue::{Engine, IngestError, Outcome};
-use spool_wal::{Entry, Tracked};
+use spool_queue::{DlqOutcome, Engine, EntryStatus, IngestError, Outcome, Select};
+use spool_wal::Entry;
 use std::collections::HashMap;
 use std::io::Read;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -44,10 +44,6 @@ pub struct App {
     sources: HashMap<String, Source>,
     /// Shutdown began: new requests get 503.
     pub closing: AtomicBool,
-    /// Free disk under the WAL is below `wal.min_free_bytes`.
-    pub low_disk: AtomicBool,
-    /// The last WAL append failed (cleared by the next success).
-    wal_failing: AtomicBool,
     started: Instant,
 }
 
@@ -161,8 +157,6 @@ impl App {
             metrics,
             sources,
             closing: AtomicBool::new(false),
-            low_disk: AtomicBool::new(false),
-            wal_failing: AtomicBool::new(false),
             started: Instant::now(),
         }
     }
@@ -256,6 +250,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/admin/dead-letters", get(dead_letters))
         .route("/v1/admin/dead-letters/requeue", post(requeue))
+        .route("/v1/admin/dead-letters/purge", post(purge))
         .route("/v1/admin/stats", get(stats))
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async {
@@ -705,16 +700,8 @@ async fn write(
                 .retry(secs)
             })?;
     }
-    if app.low_disk.load(Ordering::Relaxed) {
-        return Err(ApiError::unavailable(
-            "free disk space under the WAL is below wal.min_free_bytes",
-        ));
-    }
     let receipt = match app.engine.ingest(entries, wait_delivered).await {
-        Ok(r) => {
-            app.wal_failing.store(false, Ordering::Relaxed);
-            r
-        }
+        Ok(r) => r,
         Err(IngestError::Full { retry_after, .. }) => {
             return Err(ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -724,8 +711,12 @@ async fn write(
             .retry(retry_after.as_secs()))
         }
         Err(IngestError::Closed) => return Err(ApiError::unavailable("shutting down")),
+        Err(IngestError::LowDisk { .. }) => {
+            return Err(ApiError::unavailable(
+                "free disk space under the WAL is below wal.min_free_bytes; nothing was written",
+            ))
+        }
         Err(IngestError::Wal(e)) => {
-            app.wal_failing.store(true, Ordering::Relaxed);
             tracing::error!(error = %e, "WAL append failed");
             let msg = if e.is_out_of_space() {
                 "the WAL's disk is full; nothing was written".to_owned()
@@ -802,8 +793,8 @@ async fn write(
 /// Status of an accepted entry: tracked by the WAL (pending, dead) or delivered.
 fn current_status(engine: &Engine, id: Uuid) -> (&'static str, Option<String>) {
     match engine.status(id) {
-        Some((_, Tracked::Pending)) => ("durable", None),
-        Some((_, Tracked::Dead { reason, .. })) => ("failed", Some(reason)),
+        Some(EntryStatus::Failed { reason, .. }) => ("failed", Some(reason)),
+        Some(_) => ("durable", None),
         None => ("delivered", None),
     }
 }
@@ -879,11 +870,11 @@ async fn read(
         limit,
         cursor: p.get("cursor").filter(|s| !s.is_empty()).cloned(),
     };
-    let dest = app
+    let page = app
         .engine
-        .destination(&src.destination)
-        .ok_or_else(|| ApiError::unavailable("destination not open"))?;
-    let page = dest.query(&query).await.map_err(dest_error)?;
+        .query(&src.destination, &query)
+        .await
+        .map_err(dest_error)?;
     let entries: Vec<Value> = page.entries.iter().map(stored_json).collect();
     Ok(Json(json!({"entries": entries, "next_cursor": page.next_cursor})).into_response())
 }
@@ -897,44 +888,31 @@ async fn get_one(
     app.authorize(src, &headers)?;
     let missing = || ApiError::not_found(format!("no entry {id} in source {source:?}"));
     let uuid = Uuid::parse_str(&id).map_err(|_| missing())?;
-    // Still in the WAL's hands: pending or dead.
-    if let Some((lsn, status)) = app.engine.status(uuid) {
-        let wal = app.engine.wal().clone();
-        let read = tokio::task::spawn_blocking(move || wal.read_entries(&[lsn])).await;
-        if let Ok(Ok(mut v)) = read {
-            if let Some(le) = v.pop().filter(|le| le.entry.source == source) {
-                let stored = spool_destination::StoredEntry {
-                    lsn,
-                    entry: le.entry,
-                    delivered_at_us: 0,
-                };
-                let mut out = stored_json(&stored);
-                match status {
-                    Tracked::Pending => out["status"] = json!("pending"),
-                    Tracked::Dead { attempts, reason } => {
-                        out["status"] = json!("failed");
-                        out["reason"] = json!(reason);
-                        out["attempts"] = json!(attempts);
-                    }
-                }
-                return Ok(Json(out).into_response());
-            }
-            return Err(missing());
-        }
-    }
-    let dest = app
+    let found = app
         .engine
-        .destination(&src.destination)
-        .ok_or_else(|| ApiError::unavailable("destination not open"))?;
-    match dest.get(&source, uuid).await.map_err(dest_error)? {
-        Some(e) => {
-            let mut out = stored_json(&e);
-            out["status"] = json!("delivered");
-            out["delivered_at"] = json!(rfc3339(e.delivered_at_us));
-            Ok(Json(out).into_response())
+        .get(&source, &src.destination, uuid)
+        .await
+        .map_err(dest_error)?
+        .ok_or_else(missing)?;
+    let stored = spool_destination::StoredEntry {
+        lsn: found.lsn,
+        entry: found.entry,
+        delivered_at_us: 0,
+    };
+    let mut out = stored_json(&stored);
+    match found.status {
+        EntryStatus::Pending => out["status"] = json!("pending"),
+        EntryStatus::Failed { attempts, reason } => {
+            out["status"] = json!("failed");
+            out["reason"] = json!(reason);
+            out["attempts"] = json!(attempts);
         }
-        None => Err(missing()),
+        EntryStatus::Delivered { delivered_at_us } => {
+            out["status"] = json!("delivered");
+            out["delivered_at"] = json!(rfc3339(delivered_at_us));
+        }
     }
+    Ok(Json(out).into_response())
 }
 
 async fn healthz() -> Response {
@@ -956,33 +934,8 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
             Ok(())
         },
     );
-    check(
-        "wal".into(),
-        if app.wal_failing.load(Ordering::Relaxed) {
-            Err("the last WAL append failed".into())
-        } else {
-            Ok(())
-        },
-    );
-    let min = app.cfg.wal.min_free_bytes;
-    check(
-        "disk".into(),
-        match fs4::available_space(app.engine.wal().dir()) {
-            Ok(free) if free >= min => Ok(()),
-            Ok(free) => Err(format!(
-                "{free} bytes free under the WAL, below wal.min_free_bytes ({min})"
-            )),
-            Err(e) => Err(format!("cannot read free space: {e}")),
-        },
-    );
-    for name in app.engine.destinations() {
-        let d = app.engine.destination(&name).expect("listed");
-        let r = match tokio::time::timeout(Duration::from_secs(2), d.health()).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("health check timed out".into()),
-        };
-        check(format!("destination:{name}"), r);
+    for (name, result) in app.engine.readiness().await {
+        check(name, result);
     }
     let status = if ready {
         StatusCode::OK
@@ -1036,23 +989,25 @@ async fn dead_letters(
     Ok(Json(json!({"dead_letters": list})).into_response())
 }
 
+/// Body of requeue and purge: `{"ids":[...]}` or `{"all":true}`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RequeueBody {
+struct DlqBody {
     #[serde(default)]
     ids: Option<Vec<Uuid>>,
     #[serde(default)]
     all: bool,
 }
 
-async fn requeue(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    body: Body,
-) -> ApiResult<Response> {
-    app.authorize_admin(&headers)?;
-    let raw = read_body(&headers, body, 16 << 20).await?;
-    let b: RequeueBody = serde_json::from_slice(&raw).map_err(|e| {
+/// Read a requeue/purge body and run `op` on the dead letters it selects.
+async fn dlq_op<F, Fut>(app: &App, headers: &HeaderMap, body: Body, op: F) -> ApiResult<DlqOutcome>
+where
+    F: FnOnce(Engine, Option<Vec<Uuid>>) -> Fut,
+    Fut: std::future::Future<Output = Result<DlqOutcome, spool_wal::WalError>>,
+{
+    app.authorize_admin(headers)?;
+    let raw = read_body(headers, body, 16 << 20).await?;
+    let b: DlqBody = serde_json::from_slice(&raw).map_err(|e| {
         ApiError::bad(
             "invalid_request",
             format!("body must be {{\"ids\":[...]}} or {{\"all\":true}}: {e}"),
@@ -1068,20 +1023,44 @@ async fn requeue(
             ))
         }
     };
-    let done = app
-        .engine
-        .requeue(ids.as_deref())
+    op(app.engine.clone(), ids)
         .await
-        .map_err(|e| match e {
-            IngestError::Wal(e) => ApiError::unavailable(format!("the WAL cannot write: {e}")),
-            e => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
-        })?;
-    Ok(Json(json!({"requeued": done.len(), "ids": done})).into_response())
+        .map_err(|e| ApiError::unavailable(format!("the WAL cannot write: {e}")))
+}
+
+fn select(ids: &Option<Vec<Uuid>>) -> Select<'_> {
+    ids.as_deref().map_or(Select::All, Select::Ids)
+}
+
+async fn requeue(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let out = dlq_op(&app, &headers, body, |engine, ids| async move {
+        engine.requeue(select(&ids)).await
+    })
+    .await?;
+    let ids: Vec<Uuid> = out.done.iter().map(|d| d.id).collect();
+    Ok(Json(json!({"requeued": ids.len(), "ids": ids, "not_dead_letters": out.not_dead_letters})).into_response())
+}
+
+async fn purge(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let out = dlq_op(&app, &headers, body, |engine, ids| async move {
+        engine.purge(select(&ids)).await
+    })
+    .await?;
+    let ids: Vec<Uuid> = out.done.iter().map(|d| d.id).collect();
+    Ok(Json(json!({"purged": ids.len(), "ids": ids, "not_dead_letters": out.not_dead_letters})).into_response())
 }
 
 async fn stats(State(app): State<Arc<App>>, headers: HeaderMap) -> ApiResult<Response> {
     app.authorize_admin(&headers)?;
-    let st = app.engine.wal().status();
+    let st = app.engine.wal_status();
     let lanes: Vec<Value> = app
         .engine
         .lanes()

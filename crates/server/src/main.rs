@@ -142,18 +142,23 @@ enum DlqCmd {
         json: bool,
     },
     /// Requeue dead letters (delivered by the next `spool serve`).
-    Requeue {
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// All dead letters.
-        #[arg(long, conflicts_with = "ids")]
-        all: bool,
-        /// Entry ids.
-        #[arg(required_unless_present = "all")]
-        ids: Vec<uuid::Uuid>,
-        #[arg(long)]
-        json: bool,
-    },
+    Requeue(DlqSelect),
+    /// Purge dead letters: discarded for good, never delivered.
+    Purge(DlqSelect),
+}
+
+#[derive(clap::Args)]
+struct DlqSelect {
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// All dead letters.
+    #[arg(long, conflicts_with = "ids")]
+    all: bool,
+    /// Entry ids.
+    #[arg(required_unless_present = "all")]
+    ids: Vec<uuid::Uuid>,
+    #[arg(long)]
+    json: bool,
 }
 
 /// An error with its exit code.
@@ -242,13 +247,11 @@ fn main() -> ExitCode {
                 json,
             } => load_config(config.as_ref())
                 .and_then(|c| ops::dlq_list(&c, source.as_deref(), limit, json)),
-            DlqCmd::Requeue {
-                config,
-                all,
-                ids,
-                json,
-            } => load_config(config.as_ref()).and_then(|c| {
-                runtime()?.block_on(ops::dlq_requeue(&c, (!all).then_some(ids), json))
+            DlqCmd::Requeue(s) => load_config(s.config.as_ref()).and_then(|c| {
+                runtime()?.block_on(ops::dlq(&c, ops::DlqOp::Requeue, (!s.all).then_some(s.ids), s.json))
+            }),
+            DlqCmd::Purge(s) => load_config(s.config.as_ref()).and_then(|c| {
+                runtime()?.block_on(ops::dlq(&c, ops::DlqOp::Purge, (!s.all).then_some(s.ids), s.json))
             }),
         },
     };
@@ -290,19 +293,15 @@ async fn serve_async(cfg: Config) -> Result<ExitCode> {
     };
     let wal = spool_wal::Wal::open_with(&cfg.wal.dir, cfg.wal_config()?, hooks)
         .with_context(|| format!("opening the WAL in {}", cfg.wal.dir.display()))?;
-    let mut dests = Vec::new();
-    for d in &cfg.destinations {
-        if let Some(p) = &d.path {
-            if let Some(parent) = std::path::Path::new(p).parent() {
-                std::fs::create_dir_all(parent).ok();
-            }
-        }
-        dests.push(
-            spool_destination::open(d)
-                .await
-                .with_context(|| format!("opening destination {:?}", d.name))?,
-        );
-    }
+    // Configuration only: a destination that is down at boot is probed by the
+    // engine (reported on /readyz) while writes are accepted.
+    let dests = cfg
+        .destinations
+        .iter()
+        .map(|d| {
+            spool_destination::open(d).with_context(|| format!("destination {:?}", d.name))
+        })
+        .collect::<Result<Vec<_>>>()?;
     let engine =
         spool_queue::Engine::start_with_observer(wal, dests, cfg.engine_config(), metrics.clone())
             .context("starting the delivery engine")?;
@@ -312,8 +311,6 @@ async fn serve_async(cfg: Config) -> Result<ExitCode> {
     let addr = listener.local_addr()?;
     let shutdown_timeout = cfg.server.shutdown_timeout;
     let app = Arc::new(http::App::new(engine.clone(), cfg, metrics));
-    tokio::spawn(watch_disk(app.clone()));
-    tokio::spawn(run_retention(engine.clone()));
     tracing::info!(listen = %addr, startup_ms = started.elapsed().as_millis() as u64, "spool serving");
 
     let stop = Arc::new(tokio::sync::Notify::new());
@@ -394,46 +391,5 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
-    }
-}
-
-/// Keep `low_disk` current: writes are refused (503) below `wal.min_free_bytes`.
-async fn watch_disk(app: Arc<http::App>) {
-    let min = app.cfg.wal.min_free_bytes;
-    loop {
-        if let Ok(free) = fs4::available_space(app.engine.wal().dir()) {
-            let low = free < min;
-            if app.low_disk.swap(low, Ordering::Relaxed) != low {
-                if low {
-                    tracing::warn!(
-                        free,
-                        min_free_bytes = min,
-                        "disk under the WAL is low; refusing writes"
-                    );
-                } else {
-                    tracing::info!(free, "disk space under the WAL recovered; accepting writes");
-                }
-            }
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-}
-
-/// Delete WAL segments retention allows to go, every minute.
-async fn run_retention(engine: spool_queue::Engine) {
-    loop {
-        tokio::time::sleep(Duration::from_secs(60)).await;
-        if engine.is_closed() {
-            return;
-        }
-        match engine.wal().run_retention().await {
-            Ok(r) if r.segments_deleted > 0 => tracing::info!(
-                segments = r.segments_deleted,
-                bytes = r.bytes_freed,
-                "WAL retention removed segments"
-            ),
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "WAL retention failed"),
-        }
     }
 }

@@ -47,6 +47,7 @@ pub struct Metrics {
     shed: Family<SourceL, Counter>,
     delivered: Family<DestL, Counter>,
     retries: Family<DestL, Counter>,
+    duplicates: Family<DestL, Counter>,
     failed: Family<FailedL, Counter>,
     depth: Family<DestL, Gauge>,
     capacity: Family<DestL, Gauge>,
@@ -72,6 +73,7 @@ impl Default for Metrics {
             shed: Family::default(),
             delivered: Family::default(),
             retries: Family::default(),
+            duplicates: Family::default(),
             failed: Family::default(),
             depth: Family::default(),
             capacity: Family::default(),
@@ -107,6 +109,11 @@ impl Default for Metrics {
             "spool_delivery_retries",
             "Batch deliveries retried",
             m.retries.clone(),
+        );
+        r.register(
+            "spool_destination_duplicates",
+            "Delivered entries the destination already held (a redelivery, or a keyed entry another node stored first): dropped there",
+            m.duplicates.clone(),
         );
         r.register(
             "spool_entries_failed",
@@ -193,11 +200,11 @@ impl Metrics {
             self.capacity.get_or_create(&d).set(l.capacity as i64);
             self.up.get_or_create(&d).set(i64::from(l.up));
         }
-        let st = engine.wal().status();
+        let st = engine.wal_status();
         self.wal_bytes.set(st.bytes as i64);
         self.wal_segments.set(st.segments as i64);
         self.wal_pending.set(st.pending as i64);
-        let rep = engine.wal().recovery_report();
+        let rep = engine.recovery_report();
         self.wal_lost.set(rep.lost_entries as i64);
         self.wal_skipped.set(rep.skipped_records as i64);
         self.wal_torn
@@ -246,6 +253,14 @@ impl spool_queue::EngineObserver for Metrics {
             h.observe((now - a).max(0) as f64 / 1e6);
         }
     }
+    fn duplicates(&self, destination: &str, n: u64) {
+        self.duplicates
+            .get_or_create(&DestL {
+                destination: destination.into(),
+            })
+            .inc_by(n);
+    }
+
     fn retry(&self, destination: &str) {
         self.retries
             .get_or_create(&DestL {

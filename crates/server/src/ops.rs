@@ -1,4 +1,4 @@
-//! Offline operator tools: `wal verify|inspect|stats`, `replay`, `dlq list|requeue`.
+//! Offline operator tools: `wal verify|inspect|stats`, `replay`, `dlq list|requeue|purge`.
 //! Each takes the WAL directory's lock (refusing a directory a server holds).
 
 use crate::config::Config;
@@ -160,7 +160,13 @@ pub struct Replay {
 }
 
 /// Re-deliver retained WAL entries to a destination in batches (upserts by id:
-/// running it twice changes nothing). Pending entries written are marked delivered.
+/// running it twice changes nothing).
+///
+/// Without `--source`, the entries whose own destination is `--destination`;
+/// with `--source S`, every entry of S, copied to `--destination` whatever its
+/// own destination (to fill a new one). Only an entry written to its *own*
+/// destination changes status (pending → delivered); a copy elsewhere leaves it
+/// pending for its own destination, which still gets it.
 pub async fn replay(cfg: &Config, r: Replay) -> Out {
     let dcfg = cfg
         .destinations
@@ -179,14 +185,8 @@ pub async fn replay(cfg: &Config, r: Replay) -> Out {
     let dest = if r.dry_run {
         None
     } else {
-        if let Some(p) = dcfg.path.as_deref() {
-            if let Some(parent) = Path::new(p).parent() {
-                std::fs::create_dir_all(parent).ok();
-            }
-        }
         Some(
             spool_destination::open(dcfg)
-                .await
                 .with_context(|| format!("opening destination {:?}", dcfg.name))?,
         )
     };
@@ -203,7 +203,7 @@ pub async fn replay(cfg: &Config, r: Replay) -> Out {
     } else {
         None
     };
-    let (mut counts, mut skipped) = ([0u64; 3], 0u64);
+    let (mut counts, mut skipped, mut copied) = ([0u64; 3], 0u64, 0u64);
     let mut batch = Vec::new();
     let mut pending_lsns = Vec::new();
     let flush = |batch: &mut Vec<spool_wal::LoggedEntry>, pending: &mut Vec<u64>| {
@@ -247,7 +247,9 @@ pub async fn replay(cfg: &Config, r: Replay) -> Out {
             continue;
         }
         counts[status as usize] += 1;
-        if status == Status::Pending {
+        if entry.destination != r.destination {
+            copied += 1;
+        } else if status == Status::Pending {
             pending_lsns.push(lsn);
         }
         batch.push(spool_wal::LoggedEntry { lsn, entry });
@@ -267,10 +269,11 @@ pub async fn replay(cfg: &Config, r: Replay) -> Out {
         print_json(json!({
             "destination": r.destination, "dry_run": r.dry_run, "replayed": total,
             "pending": counts[0], "delivered": counts[1], "failed": counts[2], "skipped": skipped,
+            "copied_from_other_destinations": copied,
         }));
     } else {
         println!(
-            "{} {total} entries to {:?} (pending {}, delivered {}, failed {}); skipped {skipped}",
+            "{} {total} entries to {:?} (pending {}, delivered {}, failed {}; {copied} of another destination, status unchanged); skipped {skipped}",
             if r.dry_run {
                 "would replay"
             } else {
@@ -310,40 +313,40 @@ pub fn dlq_list(cfg: &Config, source: Option<&str>, limit: usize, as_json: bool)
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn dlq_requeue(cfg: &Config, ids: Option<Vec<uuid::Uuid>>, as_json: bool) -> Out {
+/// Which offline dead-letter operation.
+#[derive(Debug, Clone, Copy)]
+pub enum DlqOp {
+    Requeue,
+    Purge,
+}
+
+/// `spool dlq requeue|purge`: one operation on the dead letters chosen (exit 1
+/// naming ids that are not dead letters).
+pub async fn dlq(cfg: &Config, op: DlqOp, ids: Option<Vec<uuid::Uuid>>, as_json: bool) -> Out {
     let wal = open_wal(cfg)?;
-    let dead = wal.dead_letters(None, usize::MAX);
-    let chosen: Vec<_> = dead
-        .iter()
-        .filter(|d| ids.as_ref().is_none_or(|ids| ids.contains(&d.id)))
-        .collect();
-    let lsns: Vec<u64> = chosen.iter().map(|d| d.lsn).collect();
-    let done = wal.requeue(&lsns).await.map_err(wal_failure)?;
-    let requeued: Vec<_> = chosen
-        .iter()
-        .filter(|d| done.contains(&d.lsn))
-        .map(|d| d.id)
-        .collect();
-    let missing: Vec<_> = ids
-        .iter()
-        .flatten()
-        .filter(|id| !requeued.contains(id))
-        .collect();
+    let which = ids
+        .as_deref()
+        .map_or(spool_queue::Select::All, spool_queue::Select::Ids);
+    let out = match op {
+        DlqOp::Requeue => spool_queue::dlq::requeue(&wal, which).await,
+        DlqOp::Purge => spool_queue::dlq::purge(&wal, which).await,
+    }
+    .map_err(wal_failure)?;
     wal.close();
+    let (verb, after) = match op {
+        DlqOp::Requeue => ("requeued", " (delivered when the server next runs)"),
+        DlqOp::Purge => ("purged", ""),
+    };
+    let ids: Vec<_> = out.done.iter().map(|d| d.id).collect();
     if as_json {
-        print_json(
-            json!({"requeued": requeued.len(), "ids": requeued, "not_dead_letters": missing}),
-        );
+        print_json(json!({verb: ids.len(), "ids": ids, "not_dead_letters": out.not_dead_letters}));
     } else {
-        println!(
-            "requeued {} dead letters (delivered when the server next runs)",
-            requeued.len()
-        );
-        for id in &missing {
+        println!("{verb} {} dead letters{after}", ids.len());
+        for id in &out.not_dead_letters {
             println!("not a dead letter: {id}");
         }
     }
-    Ok(if missing.is_empty() {
+    Ok(if out.not_dead_letters.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)

@@ -11,11 +11,17 @@
 //!
 //! `SPOOL_TEST_PG_URL` points everything at an existing server instead.
 //!
+//! [`BlackHole`] is a TCP proxy that can stop answering without closing
+//! anything (a partitioned network, a hung server).
+//!
 //! ## Invariants
 //! - Never a silent skip: if PostgreSQL cannot be found or started, the call panics
 //!   with what is missing and how to get it.
 //! - Listens on 127.0.0.1 only, on a port probed free at start.
 #![allow(unsafe_code)] // one libc::atexit registration and kill(2); see below.
+
+mod blackhole;
+pub use blackhole::BlackHole;
 
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;

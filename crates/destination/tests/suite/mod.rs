@@ -45,8 +45,8 @@ pub async fn redelivery_is_idempotent_and_first_write_wins(d: Dest) {
             )
         })
         .collect();
-    d.write_batch(&batch).await.unwrap();
-    d.write_batch(&batch).await.unwrap();
+    assert_eq!(d.write_batch(&batch).await.unwrap(), 0);
+    assert_eq!(d.write_batch(&batch).await.unwrap(), 20, "all already held");
     let mut changed = batch.clone();
     for le in &mut changed {
         le.entry.payload = br#"{"changed":true}"#.to_vec();
@@ -316,4 +316,33 @@ pub async fn injection_strings_are_data(d: Dest) {
     // The table is still there.
     assert_eq!(all(&d, evil).await.len(), 1);
     d.health().await.unwrap();
+}
+
+pub async fn keyed_entries_are_unique_per_source_and_copies_are_counted(d: Dest) {
+    let keyed = |lsn, source: &str, key: &str| {
+        let mut le = logged(lsn, source, None, &format!(r#"{{"n":{lsn}}}"#), lsn as i64);
+        le.entry.idempotency_key = Some(key.into());
+        le
+    };
+    let first = keyed(1, "s", "k");
+    let copy = keyed(2, "s", "k"); // another id: a retry another node accepted
+    let other_source = keyed(3, "t", "k");
+    let other_key = keyed(4, "s", "k2");
+    assert_eq!(d.write_batch(std::slice::from_ref(&first)).await.unwrap(), 0);
+    assert_eq!(
+        d.write_batch(&[copy.clone(), other_source.clone(), other_key.clone()])
+            .await
+            .unwrap(),
+        1,
+        "the copy is dropped and counted"
+    );
+    assert!(d.get("s", first.entry.id).await.unwrap().is_some());
+    assert!(d.get("s", copy.entry.id).await.unwrap().is_none());
+    assert!(d.get("t", other_source.entry.id).await.unwrap().is_some());
+    assert!(d.get("s", other_key.entry.id).await.unwrap().is_some());
+    // Copies inside one batch: the first of the batch wins.
+    let (a, b) = (keyed(5, "s", "k3"), keyed(6, "s", "k3"));
+    assert_eq!(d.write_batch(&[a.clone(), b.clone()]).await.unwrap(), 1);
+    assert!(d.get("s", a.entry.id).await.unwrap().is_some());
+    assert!(d.get("s", b.entry.id).await.unwrap().is_none());
 }

@@ -15,12 +15,14 @@ pub struct Faulty {
     pub rows: Mutex<HashMap<Uuid, LoggedEntry>>,
     /// Times (tokio clock) of each write attempt.
     pub attempts: Mutex<Vec<tokio::time::Instant>>,
-    /// Transient failures still to serve (health stays OK).
+    /// Failures of unknown cause still to serve (health stays OK).
     pub fail_next: AtomicU32,
-    /// Fail every write transiently (health stays OK).
+    /// Fail every write with an error of unknown cause (health stays OK).
     pub fail_always: AtomicBool,
     /// Down: writes and health checks fail (an outage).
     pub down: AtomicBool,
+    /// Writes fail as an outage (read-only, locked) while health passes.
+    pub refuse_writes: AtomicBool,
     /// Writes never return.
     pub hang: AtomicBool,
     /// Reject entries whose payload contains "poison" — naming the index, or not.
@@ -36,13 +38,21 @@ impl Faulty {
             fail_next: AtomicU32::new(0),
             fail_always: AtomicBool::new(false),
             down: AtomicBool::new(false),
+            refuse_writes: AtomicBool::new(false),
             hang: AtomicBool::new(false),
             reject_with_index: AtomicBool::new(true),
         })
     }
 
-    fn transient(&self, m: &str) -> DestinationError {
+    fn unknown(&self, m: &str) -> DestinationError {
         DestinationError::Transient {
+            destination: self.name.clone(),
+            message: m.into(),
+        }
+    }
+
+    fn outage(&self, m: &str) -> DestinationError {
+        DestinationError::Unavailable {
             destination: self.name.clone(),
             message: m.into(),
         }
@@ -59,7 +69,7 @@ impl Destination for Faulty {
         &self.name
     }
 
-    async fn write_batch(&self, batch: &[LoggedEntry]) -> Result<(), DestinationError> {
+    async fn write_batch(&self, batch: &[LoggedEntry]) -> Result<u64, DestinationError> {
         self.attempts
             .lock()
             .unwrap()
@@ -68,17 +78,20 @@ impl Destination for Faulty {
             std::future::pending::<()>().await;
         }
         if self.down.load(Ordering::SeqCst) {
-            return Err(self.transient("connection refused"));
+            return Err(self.outage("connection refused"));
+        }
+        if self.refuse_writes.load(Ordering::SeqCst) {
+            return Err(self.outage("read-only transaction"));
         }
         if self.fail_always.load(Ordering::SeqCst) {
-            return Err(self.transient("serialization failure"));
+            return Err(self.unknown("internal error"));
         }
         if self
             .fail_next
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_ok()
         {
-            return Err(self.transient("timeout"));
+            return Err(self.unknown("internal error"));
         }
         if let Some(i) = batch
             .iter()
@@ -91,10 +104,15 @@ impl Destination for Faulty {
             });
         }
         let mut rows = self.rows.lock().unwrap();
+        let mut duplicates = 0;
         for e in batch {
-            rows.entry(e.entry.id).or_insert_with(|| e.clone());
+            if rows.contains_key(&e.entry.id) {
+                duplicates += 1;
+            } else {
+                rows.insert(e.entry.id, e.clone());
+            }
         }
-        Ok(())
+        Ok(duplicates)
     }
 
     async fn get(&self, _source: &str, id: Uuid) -> Result<Option<StoredEntry>, DestinationError> {
@@ -111,7 +129,7 @@ impl Destination for Faulty {
 
     async fn health(&self) -> Result<(), DestinationError> {
         if self.down.load(Ordering::SeqCst) {
-            Err(self.transient("connection refused"))
+            Err(self.outage("connection refused"))
         } else {
             Ok(())
         }

@@ -1,0 +1,225 @@
+//! Workers: take batches from a lane, write them to the destination, record the
+//! outcome in the WAL, settle receipts.
+//!
+//! The policy follows the error's class (see `DestinationError`):
+//! - **Outage** (`Unavailable`, or an unknown error while the health check
+//!   fails): the breaker opens — the lane is marked down, the worker waits with
+//!   backoff and retries the same batch (the write is the probe). No attempt is
+//!   counted, so an outage of any kind never makes a dead letter.
+//! - **Rejected**: the entry named (or, unnamed, found by splitting the batch)
+//!   becomes a dead letter at once; the rest is delivered.
+//! - **Unknown cause** (`Transient`): a batch is split so one entry's error cannot
+//!   fail the others; a single entry retries with backoff, counting attempts, and
+//!   becomes a dead letter after `max_attempts`.
+
+use crate::backoff::Backoff;
+use crate::engine::Inner;
+use crate::lane::Lane;
+use crate::Outcome;
+use spool_destination::DestinationError;
+use spool_wal::LoggedEntry;
+use std::sync::Arc;
+use std::time::Duration;
+
+impl Inner {
+    pub(crate) async fn worker(self: Arc<Self>, lane: Arc<Lane>) {
+        while let Some(batch) = lane
+            .take(self.cfg.batch_max.max(1), self.cfg.batch_linger)
+            .await
+        {
+            self.deliver(&lane, batch).await;
+            if self.stop.is_cancelled() {
+                break;
+            }
+        }
+    }
+
+    fn backoff(&self) -> Backoff {
+        Backoff::new(
+            self.cfg.backoff_initial,
+            self.cfg.backoff_max,
+            self.cfg.backoff_initial / 2,
+        )
+    }
+
+    /// Wait `d`, or less if the drain deadline passes.
+    async fn pause(&self, d: Duration) {
+        tokio::select! {
+            _ = tokio::time::sleep(d) => {}
+            _ = self.stop.cancelled() => {}
+        }
+    }
+
+    /// Deliver a batch until every entry in it is terminal (or the drain deadline
+    /// passes, leaving the rest pending in the WAL).
+    async fn deliver(&self, lane: &Lane, batch: Vec<LoggedEntry>) {
+        let mut probe = self.backoff();
+        let mut work = vec![(batch, self.backoff())];
+        while let Some((mut b, mut retry)) = work.pop() {
+            loop {
+                let res = tokio::select! {
+                    r = lane.dest.write_batch(&b) => r,
+                    _ = self.stop.cancelled() => {
+                        self.give_up(lane, &b);
+                        break;
+                    }
+                };
+                let e = match res {
+                    Ok(duplicates) => {
+                        self.up(lane);
+                        self.delivered(lane, &b, duplicates).await;
+                        break;
+                    }
+                    Err(e) => e,
+                };
+                if e.is_outage() {
+                    self.outage(lane, &e, &mut probe).await;
+                    continue;
+                }
+                if let DestinationError::Rejected {
+                    index: Some(i),
+                    reason,
+                    ..
+                } = &e
+                {
+                    if *i < b.len() {
+                        let bad = b.remove(*i);
+                        self.fail(lane, &[bad], retry.attempts() + 1, reason, "rejected")
+                            .await;
+                        if b.is_empty() {
+                            break;
+                        }
+                        continue;
+                    }
+                }
+                if b.len() > 1 {
+                    if !e.is_rejection() && lane.dest.health().await.is_err() {
+                        self.outage(lane, &e, &mut probe).await;
+                        continue;
+                    }
+                    // Some entry of the batch is to blame: split to isolate it.
+                    let right = b.split_off(b.len() / 2);
+                    work.push((right, retry.clone()));
+                    work.push((b, retry));
+                    break;
+                }
+                if e.is_rejection() {
+                    self.fail(lane, &b, retry.attempts() + 1, &e.to_string(), "rejected")
+                        .await;
+                    break;
+                }
+                // One entry, unknown cause: an outage after all, or an attempt.
+                if lane.dest.health().await.is_err() {
+                    self.outage(lane, &e, &mut probe).await;
+                    continue;
+                }
+                let d = retry.next();
+                if retry.attempts() >= self.cfg.max_attempts {
+                    self.fail(lane, &b, retry.attempts(), &e.to_string(), "max_attempts")
+                        .await;
+                    break;
+                }
+                self.observer.retry(&lane.name);
+                tracing::debug!(destination = %lane.name, attempts = retry.attempts(), delay_ms = d.as_millis() as u64, error = %e, "retrying entry");
+                self.pause(d).await;
+            }
+            if self.stop.is_cancelled() {
+                for (rest, _) in work.drain(..) {
+                    self.give_up(lane, &rest);
+                }
+            }
+        }
+    }
+
+    /// The breaker: mark the destination down, wait, let the caller retry.
+    async fn outage(&self, lane: &Lane, e: &DestinationError, probe: &mut Backoff) {
+        if lane.set_up(false, Some(e.to_string())) {
+            tracing::warn!(destination = %lane.name, error = %e, "destination unavailable; pausing deliveries and probing");
+            self.observer.destination_up(&lane.name, false);
+        }
+        self.pause(probe.next()).await;
+    }
+
+    pub(crate) fn up(&self, lane: &Lane) {
+        if lane.set_up(true, None) {
+            tracing::info!(destination = %lane.name, "destination reachable again; resuming deliveries");
+            self.observer.destination_up(&lane.name, true);
+        }
+    }
+
+    /// Append a status marker, retrying while the WAL cannot write (a full disk):
+    /// an entry is terminal only once its marker is in the WAL, so its capacity
+    /// stays held meanwhile. At the drain deadline it gives up; the entry then
+    /// stays pending and is redelivered (idempotently) after the next start.
+    async fn record<F, Fut>(&self, lane: &Lane, what: &str, append: F)
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = spool_wal::Result<()>>,
+    {
+        let mut retry = Backoff::new(
+            Duration::from_millis(50),
+            Duration::from_secs(2),
+            Duration::from_millis(25),
+        );
+        loop {
+            match append().await {
+                Ok(()) => return,
+                Err(e) if self.stop.is_cancelled() || !e.is_retryable() => {
+                    tracing::warn!(destination = %lane.name, error = %e, "could not record {what} in the WAL; the entries stay pending");
+                    return;
+                }
+                Err(e) => {
+                    let d = retry.next();
+                    tracing::warn!(destination = %lane.name, error = %e, retry_ms = d.as_millis() as u64, "could not record {what} in the WAL; retrying");
+                    self.pause(d).await;
+                }
+            }
+        }
+    }
+
+    async fn delivered(&self, lane: &Lane, b: &[LoggedEntry], duplicates: u64) {
+        let lsns: Vec<u64> = b.iter().map(|e| e.lsn).collect();
+        self.record(lane, "delivery", || self.wal.mark_delivered(&lsns))
+            .await;
+        let at: Vec<i64> = b.iter().map(|e| e.entry.accepted_at_us).collect();
+        self.observer.delivered(&lane.name, &at);
+        if duplicates > 0 {
+            self.observer.duplicates(&lane.name, duplicates);
+        }
+        self.settle(lsns.iter().copied(), &Outcome::Delivered);
+        lane.release(&lsns, true);
+    }
+
+    async fn fail(
+        &self,
+        lane: &Lane,
+        b: &[LoggedEntry],
+        attempts: u32,
+        reason: &str,
+        class: &'static str,
+    ) {
+        for e in b {
+            self.record(lane, "failure", || {
+                self.wal.mark_failed(e.lsn, attempts, reason)
+            })
+            .await;
+        }
+        tracing::warn!(destination = %lane.name, entries = b.len(), attempts, reason, "entries became dead letters");
+        self.observer.failed(&lane.name, class, b.len() as u64);
+        let lsns: Vec<u64> = b.iter().map(|e| e.lsn).collect();
+        self.settle(
+            lsns.iter().copied(),
+            &Outcome::Failed {
+                reason: reason.to_owned(),
+            },
+        );
+        lane.release(&lsns, false);
+    }
+
+    /// The drain deadline passed: these stay pending in the WAL.
+    fn give_up(&self, lane: &Lane, b: &[LoggedEntry]) {
+        let lsns: Vec<u64> = b.iter().map(|e| e.lsn).collect();
+        self.settle(lsns.iter().copied(), &Outcome::Pending);
+        lane.release(&lsns, false);
+    }
+}
