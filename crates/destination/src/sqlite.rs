@@ -125,7 +125,18 @@ impl SqliteDestination {
     }
 
     async fn migrate(&self) -> Result<()> {
-        let mut tx = self.writer.begin().await.map_err(|e| self.err(e))?;
+        let mut conn = self.writer.acquire().await.map_err(|e| self.err(e))?;
+        let res = self.migrate_on(&mut conn).await;
+        if res.is_err() {
+            // Possibly opened read-only (or on a full disk): open afresh next time.
+            conn.close_on_drop();
+        }
+        res
+    }
+
+    async fn migrate_on(&self, conn: &mut sqlx::SqliteConnection) -> Result<()> {
+        use sqlx::Connection;
+        let mut tx = conn.begin().await.map_err(|e| self.err(e))?;
         tx.execute("CREATE TABLE IF NOT EXISTS spool_schema (version INTEGER NOT NULL)")
             .await
             .map_err(|e| self.err(e))?;
@@ -176,6 +187,34 @@ impl SqliteDestination {
     }
 }
 
+/// Insert a batch in one transaction; answers the rows inserted.
+async fn insert(conn: &mut sqlx::SqliteConnection, batch: &[LoggedEntry]) -> sqlx::Result<u64> {
+    use sqlx::Connection;
+    let now = spool_wal::now_us();
+    let mut inserted = 0;
+    let mut tx = conn.begin().await?;
+    for chunk in batch.chunks(ROWS_PER_STATEMENT) {
+        let mut qb: QueryBuilder<Sqlite> =
+            QueryBuilder::new(format!("INSERT INTO spool_entries ({COLUMNS}) "));
+        qb.push_values(chunk, |mut b, le| {
+            let e = &le.entry;
+            b.push_bind(e.id.hyphenated().to_string())
+                .push_bind(le.lsn as i64)
+                .push_bind(e.source.as_str())
+                .push_bind(e.subject.as_deref())
+                .push_bind(e.idempotency_key.as_deref())
+                // Validated as UTF-8 JSON by `screen`.
+                .push_bind(std::str::from_utf8(&e.payload).unwrap_or_default())
+                .push_bind(e.accepted_at_us)
+                .push_bind(now);
+        });
+        qb.push(" ON CONFLICT DO NOTHING");
+        inserted += qb.build().execute(&mut *tx).await?.rows_affected();
+    }
+    tx.commit().await?;
+    Ok(inserted)
+}
+
 const COLUMNS: &str =
     "id, lsn, source, subject, idempotency_key, payload, created_at, delivered_at";
 
@@ -191,34 +230,19 @@ impl Destination for SqliteDestination {
         }
         screen(&self.name, batch, false)?;
         self.ready().await?;
-        let now = spool_wal::now_us();
-        let mut inserted = 0;
-        let mut tx = self.writer.begin().await.map_err(|e| self.err(e))?;
-        for chunk in batch.chunks(ROWS_PER_STATEMENT) {
-            let mut qb: QueryBuilder<Sqlite> =
-                QueryBuilder::new(format!("INSERT INTO spool_entries ({COLUMNS}) "));
-            qb.push_values(chunk, |mut b, le| {
-                let e = &le.entry;
-                b.push_bind(e.id.hyphenated().to_string())
-                    .push_bind(le.lsn as i64)
-                    .push_bind(e.source.as_str())
-                    .push_bind(e.subject.as_deref())
-                    .push_bind(e.idempotency_key.as_deref())
-                    // Validated as UTF-8 JSON by `screen`.
-                    .push_bind(std::str::from_utf8(&e.payload).unwrap_or_default())
-                    .push_bind(e.accepted_at_us)
-                    .push_bind(now);
-            });
-            qb.push(" ON CONFLICT DO NOTHING");
-            inserted += qb
-                .build()
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| self.err(e))?
-                .rows_affected();
+        let mut conn = self.writer.acquire().await.map_err(|e| self.err(e))?;
+        match insert(&mut conn, batch).await {
+            Ok(inserted) => Ok(batch.len() as u64 - inserted.min(batch.len() as u64)),
+            Err(e) => {
+                let e = self.err(e);
+                if !e.is_rejection() {
+                    // A connection that met an outage (a file that was read-only,
+                    // a full disk, an I/O error) may keep its state: open afresh.
+                    conn.close_on_drop();
+                }
+                Err(e)
+            }
         }
-        tx.commit().await.map_err(|e| self.err(e))?;
-        Ok(batch.len() as u64 - inserted.min(batch.len() as u64))
     }
 
     async fn get(&self, source: &str, id: Uuid) -> Result<Option<StoredEntry>> {

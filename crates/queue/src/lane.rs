@@ -243,3 +243,60 @@ impl Lane {
         v
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use spool_destination::{DestinationError, Page, Query, StoredEntry};
+    use spool_wal::Entry;
+
+    struct Nowhere;
+
+    #[async_trait::async_trait]
+    impl Destination for Nowhere {
+        fn name(&self) -> &str {
+            "nowhere"
+        }
+        async fn write_batch(&self, _: &[LoggedEntry]) -> Result<u64, DestinationError> {
+            Ok(0)
+        }
+        async fn get(&self, _: &str, _: uuid::Uuid) -> Result<Option<StoredEntry>, DestinationError> {
+            Ok(None)
+        }
+        async fn query(&self, _: &Query) -> Result<Page, DestinationError> {
+            Ok(Page::default())
+        }
+        async fn health(&self) -> Result<(), DestinationError> {
+            Ok(())
+        }
+        async fn close(&self) {}
+    }
+
+    fn logged(lsn: u64) -> LoggedEntry {
+        LoggedEntry {
+            lsn,
+            entry: Entry::new("s", "nowhere", b"{}".to_vec()),
+        }
+    }
+
+    /// A dead letter requeued while its worker still holds it (the FAILED record
+    /// is written, the release not yet done): the feeder's push finds it held.
+    /// It must be fed again once released — before, it was dropped and stayed
+    /// pending in the WAL, unqueued, until a restart.
+    #[test]
+    fn a_requeue_that_races_the_failure_is_redriven_at_release() {
+        let lane = Lane::new(Arc::new(Nowhere), 10);
+        assert!(lane.try_reserve(1));
+        lane.push([logged(7)]);
+        let _in_flight = lane.st().items.pop_front();
+        // The requeue's feed of LSN 7 arrives while it is still held.
+        assert!(lane.try_reserve(1));
+        lane.push([logged(7)]);
+        assert_eq!(lane.used(), 1, "the duplicate's reservation is given back");
+        assert!(lane.take_requeued(10).is_empty(), "nothing to feed while held");
+        // The worker records the failure and lets go: the requeue is fed now.
+        lane.release(&[7], false);
+        assert_eq!(lane.take_requeued(10), vec![7]);
+        assert_eq!(lane.used(), 0);
+    }
+}
