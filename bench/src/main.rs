@@ -544,7 +544,12 @@ async fn bench_destination(
     use spool_destination::{PostgresDestination, SqliteDestination};
     Ok(match kind {
         "sqlite" => (
-            Arc::new(SqliteDestination::open("bench", sqlite_path, None, spool_destination::DEFAULT_SQLITE_TIMEOUT)?),
+            Arc::new(SqliteDestination::open(
+                "bench",
+                sqlite_path,
+                None,
+                spool_destination::DEFAULT_SQLITE_TIMEOUT,
+            )?),
             None,
         ),
         "postgres" => {
@@ -556,7 +561,12 @@ async fn bench_destination(
                 }
             };
             (
-                Arc::new(PostgresDestination::open("bench", &url, Some(pool), spool_destination::DEFAULT_TIMEOUT)?),
+                Arc::new(PostgresDestination::open(
+                    "bench",
+                    &url,
+                    Some(pool),
+                    spool_destination::DEFAULT_TIMEOUT,
+                )?),
                 server,
             )
         }

@@ -21,7 +21,14 @@ fn wal_verify(dir: &std::path::Path) {
     assert_eq!(code, 0, "wal verify after SIGKILL: {out}{err}");
 }
 
-const PG_DEST: &str = "[[destination]]\nname = \"pg\"\nkind = \"postgres\"\nurl = \"env:SPOOL_E2E_PG_URL\"\npool_size = 4\n";
+/// A Postgres destination at `pg` (its URL inline: these tests run in parallel,
+/// each with its own server, so a shared environment variable would cross them).
+fn pg_dest(pg: &PgServer) -> String {
+    format!(
+        "[[destination]]\nname = \"pg\"\nkind = \"postgres\"\nurl = \"{}\"\npool_size = 4\n",
+        pg.url()
+    )
+}
 
 /// SIGKILL at a random moment under mixed load, restart, check — `cycles` times.
 fn crash_loop(name: &str, extra: &str) {
@@ -67,8 +74,7 @@ fn crash_loop_sqlite_loses_nothing_acknowledged_and_stores_nothing_refused() {
 #[test]
 fn crash_loop_postgres_loses_nothing_acknowledged_and_stores_nothing_refused() {
     let pg = PgServer::start();
-    std::env::set_var("SPOOL_E2E_PG_URL", pg.url());
-    crash_loop("Postgres", PG_DEST);
+    crash_loop("Postgres", &pg_dest(&pg));
 }
 
 /// A probe: one entry with wait=delivered; (status, latency).
@@ -85,10 +91,10 @@ fn probe(s: &Server) -> (u16, Duration) {
 fn a_postgres_outage_under_load_sheds_with_429_and_delivers_everything_after() {
     let outage = Duration::from_secs(if full_chaos() { 30 } else { 5 });
     let mut pg = PgServer::start();
-    std::env::set_var("SPOOL_E2E_PG_URL", pg.url());
     let dir = tempfile::tempdir().unwrap();
     let extra = format!(
-        "[queue]\ncapacity = 1000\nbackoff_initial = \"50ms\"\nbackoff_max = \"500ms\"\nmax_attempts = 3\n{PG_DEST}"
+        "[queue]\ncapacity = 1000\nbackoff_initial = \"50ms\"\nbackoff_max = \"500ms\"\nmax_attempts = 3\n{}",
+        pg_dest(&pg)
     );
     let s = Server::start(dir.path(), &extra);
     let seen = Arc::new(Mutex::new(Seen::default()));
@@ -182,9 +188,11 @@ fn psql(pg: &PgServer, sql: &str) {
 #[test]
 fn poison_entries_are_dead_lettered_with_a_reason_and_requeue_after_the_fix() {
     let pg = PgServer::start();
-    std::env::set_var("SPOOL_E2E_PG_URL", pg.url());
     let dir = tempfile::tempdir().unwrap();
-    let extra = format!("[queue]\nbackoff_initial = \"20ms\"\nbackoff_max = \"100ms\"\n{PG_DEST}");
+    let extra = format!(
+        "[queue]\nbackoff_initial = \"20ms\"\nbackoff_max = \"100ms\"\n{}",
+        pg_dest(&pg)
+    );
     let s = Server::start(dir.path(), &extra);
     // The table exists once the server is up; a constraint makes some entries poison.
     psql(
@@ -269,11 +277,11 @@ fn poison_entries_are_dead_lettered_with_a_reason_and_requeue_after_the_fix() {
 fn sustained_overload_keeps_memory_bounded() {
     let secs = if full_chaos() { 120 } else { 5 };
     let mut pg = PgServer::start();
-    std::env::set_var("SPOOL_E2E_PG_URL", pg.url());
     let dir = tempfile::tempdir().unwrap();
     let capacity = if full_chaos() { 20_000 } else { 2_000 };
     let extra = format!(
-        "[queue]\ncapacity = {capacity}\nbackoff_initial = \"50ms\"\nbackoff_max = \"500ms\"\n{PG_DEST}"
+        "[queue]\ncapacity = {capacity}\nbackoff_initial = \"50ms\"\nbackoff_max = \"500ms\"\n{}",
+        pg_dest(&pg)
     );
     let s = Server::start(dir.path(), &extra);
     pg.stop(); // nothing drains: the queue fills and stays full

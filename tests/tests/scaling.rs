@@ -58,3 +58,47 @@ fn two_nodes_share_one_postgres_and_a_killed_node_loses_nothing() {
         "result": "pass",
     }));
 }
+
+/// Issue 14, scenario 7: a keyed retry that reaches the other node (each node
+/// has its own key index) is stored once: the destination drops the copy and
+/// the node that delivered it counts it.
+#[test]
+fn a_keyed_retry_on_another_node_is_stored_once() {
+    let pg = PgServer::start();
+    // The URL inline: tests of this binary run in parallel, and the other one
+    // sets SPOOL_E2E_PG_URL to its own server.
+    let dest = &format!(
+        "[[destination]]\nname = \"pg\"\nkind = \"postgres\"\nurl = \"{}\"\npool_size = 2\n",
+        pg.url()
+    );
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Server::start(da.path(), dest);
+    let b = Server::start(db.path(), dest);
+    let post = |s: &Server| {
+        let r = call(
+            ureq::post(&s.url("/v1/default/entries?wait=delivered"))
+                .set("Content-Type", "application/json")
+                .set("Idempotency-Key", "order-42"),
+            Some(br#"{"text":"charge once"}"#),
+        );
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        r.body["entries"][0]["id"].as_str().unwrap().to_owned()
+    };
+    let first = post(&a);
+    let retry = post(&b);
+    assert_ne!(first, retry, "each node has its own key index");
+    let rows: Vec<_> = all_rows(&a, "default")
+        .into_iter()
+        .filter(|r| r["payload"]["text"] == "charge once")
+        .collect();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["id"].as_str(), Some(first.as_str()));
+    let metrics = b.get("/metrics").body;
+    assert!(
+        metrics
+            .as_str()
+            .unwrap_or_default()
+            .contains("spool_destination_duplicates_total{destination=\"pg\"} 1"),
+        "{metrics}"
+    );
+}

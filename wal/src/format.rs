@@ -128,6 +128,9 @@ pub struct Checkpoint {
     /// even after retention deleted segments in between. `None` in a version-1
     /// checkpoint (recovery then maps by the files present).
     pub segments: Option<Vec<u64>>,
+    /// Purged dead letters whose ENTRY record may still be retained (version 3;
+    /// written only after a segment list): replay must never deliver them.
+    pub purged: Vec<u64>,
 }
 
 /// A dead letter as a checkpoint records it.
@@ -347,6 +350,7 @@ pub fn encode_checkpoint(c: &Checkpoint, out: &mut Vec<u8>) {
     }
     if let Some(segs) = &c.segments {
         encode_lsns(segs, out);
+        encode_lsns(&c.purged, out);
     }
 }
 
@@ -424,6 +428,15 @@ impl<'a> Cursor<'a> {
             return Err(BodyError("record count exceeds the body"));
         }
         Ok(n)
+    }
+    /// count (u32) then count × LSN (u64).
+    fn lsns(&mut self) -> Result<Vec<u64>, BodyError> {
+        let n = self.count(8)?;
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n {
+            v.push(self.u64()?);
+        }
+        Ok(v)
     }
     fn end(&self) -> Result<(), BodyError> {
         if self.buf.is_empty() {
@@ -517,11 +530,7 @@ pub fn decode_record(kind: Kind, body: &[u8]) -> Result<Record, BodyError> {
     let r = match kind {
         Kind::Entry => return decode_entry(body).map(Record::Entry),
         Kind::Delivered | Kind::Requeued | Kind::Purged => {
-            let n = c.count(8)?;
-            let mut v = Vec::with_capacity(n);
-            for _ in 0..n {
-                v.push(c.u64()?);
-            }
+            let v = c.lsns()?;
             match kind {
                 Kind::Delivered => Record::Delivered(v),
                 Kind::Requeued => Record::Requeued(v),
@@ -549,21 +558,23 @@ pub fn decode_record(kind: Kind, body: &[u8]) -> Result<Record, BodyError> {
                     reason: c.str32()?.to_owned(),
                 });
             }
-            // Version 1 ends here; version 2 appends the segment list.
+            // Version 1 ends here; version 2 appends the segment list, version
+            // 3 the purged list after it.
             let segments = if c.buf.is_empty() {
                 None
             } else {
-                let n = c.count(8)?;
-                let mut v = Vec::with_capacity(n);
-                for _ in 0..n {
-                    v.push(c.u64()?);
-                }
-                Some(v)
+                Some(c.lsns()?)
+            };
+            let purged = if c.buf.is_empty() {
+                Vec::new()
+            } else {
+                c.lsns()?
             };
             Record::Checkpoint(Checkpoint {
                 pending,
                 dead,
                 segments,
+                purged,
             })
         }
     };
@@ -640,6 +651,7 @@ mod tests {
                     reason: "x".into(),
                 }],
                 segments: Some(vec![1, 5]),
+                purged: vec![4],
             }),
             Record::Checkpoint(Checkpoint::default()),
         ];

@@ -6,7 +6,7 @@
 
 use crate::format::{self, BodyError, Checkpoint, DeadRef, Kind, Record};
 use rustc_hash::{FxHashMap, FxHashSet};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::SystemTime;
 use uuid::Uuid;
@@ -66,6 +66,8 @@ pub(crate) struct State {
     pub pending: u64,
     pub dead: u64,
     pub totals: Totals,
+    /// Purged dead letters whose ENTRY record may still be retained.
+    pub purged: BTreeSet<u64>,
 }
 
 impl State {
@@ -186,8 +188,13 @@ impl State {
                 }
                 Record::Purged(lsns) => {
                     for l in lsns {
-                        if self.tracked.get(&l).is_some_and(|m| m.status != Tracked::Pending) {
+                        if self
+                            .tracked
+                            .get(&l)
+                            .is_some_and(|m| m.status != Tracked::Pending)
+                        {
                             self.remove(l);
+                            self.purged.insert(l);
                         }
                     }
                 }
@@ -247,12 +254,21 @@ impl State {
                 self.mark_dead(d.lsn, d.attempts, d.reason.clone());
             }
         }
+        self.purged.extend(cp.purged.iter().copied());
+    }
+
+    /// Forget purged LSNs older than every retained segment (their ENTRY
+    /// records are gone, so nothing can replay them).
+    pub fn prune_purged(&mut self) {
+        let oldest = self.segments.keys().next().copied().unwrap_or(u64::MAX);
+        self.purged = self.purged.split_off(&oldest);
     }
 
     /// The checkpoint describing this state (before a new segment is added to it).
     pub fn checkpoint(&self) -> Checkpoint {
         let mut cp = Checkpoint {
             segments: Some(self.segments.keys().copied().collect()),
+            purged: self.purged.iter().copied().collect(),
             ..Checkpoint::default()
         };
         for (lsn, m) in &self.tracked {

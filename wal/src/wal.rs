@@ -181,6 +181,7 @@ impl Wal {
         let lock = lock_dir(&dir)?;
         let rec = recovery::recover(&dir, config.on_corruption, Some(&*io))?;
         let mut state = rec.state;
+        state.prune_purged();
         let mut next_lsn = rec.next_lsn;
         // Continue the newest segment if this build writes its version. Either way
         // sync it first: a killed process leaves unsynced bytes in the page cache,
@@ -385,6 +386,12 @@ impl Wal {
         format::encode_lsns(&dead, &mut body);
         self.marker(Kind::Requeued, body, true).await?;
         Ok(dead)
+    }
+
+    /// Whether the entry at `lsn` is a dead letter an operator purged (its record
+    /// may still be retained; replay must not deliver it).
+    pub fn is_purged(&self, lsn: u64) -> bool {
+        self.shared.state().purged.contains(&lsn)
     }
 
     /// Discard dead letters: they become terminal without being delivered, and

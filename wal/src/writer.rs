@@ -549,7 +549,11 @@ impl Writer {
                     break;
                 }
             }
-            self.shared.state().segments.remove(&first);
+            {
+                let mut st = self.shared.state();
+                st.segments.remove(&first);
+                st.prune_purged();
+            }
             report.segments_deleted += 1;
             report.bytes_freed += bytes;
         }

@@ -306,10 +306,7 @@ fn offline_inspection_reports_statuses() {
 async fn purge_ends_dead_letters_only_and_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let wal = Wal::open(dir.path(), WalConfig::default()).unwrap();
-    let lsns = wal
-        .append(&[entry(1), entry(2), entry(3)])
-        .await
-        .unwrap();
+    let lsns = wal.append(&[entry(1), entry(2), entry(3)]).await.unwrap();
     wal.mark_failed(lsns[0], 3, "bad").await.unwrap();
     wal.mark_failed(lsns[1], 3, "bad").await.unwrap();
     assert_eq!(
@@ -318,11 +315,18 @@ async fn purge_ends_dead_letters_only_and_survives_a_restart() {
         "only the dead letter is purged"
     );
     assert!(wal.purge(&[lsns[0]]).await.unwrap().is_empty());
+    assert!(wal.is_purged(lsns[0]) && !wal.is_purged(lsns[1]));
+    // Through a checkpoint (rotation) and a restart, replay still knows it.
+    wal.rotate().await.unwrap();
     wal.close();
     drop(wal);
     let wal = Wal::open(dir.path(), WalConfig::default()).unwrap();
     let dead: Vec<u64> = wal.dead_letters(None, 10).iter().map(|d| d.lsn).collect();
     assert_eq!(dead, vec![lsns[1]]);
     assert_eq!(wal.status_of(lsns[0]), None);
+    assert!(
+        wal.is_purged(lsns[0]),
+        "a purged entry must never be replayed"
+    );
     assert_eq!(wal.status_of(lsns[2]), Some(Tracked::Pending));
 }

@@ -85,12 +85,7 @@ impl PostgresDestination {
     /// statement may take `timeout` (server-side `statement_timeout` and a client
     /// deadline). The schema is migrated at the first successful contact
     /// ([`Destination::health`] makes one).
-    pub fn open(
-        name: &str,
-        url: &str,
-        pool_size: Option<u32>,
-        timeout: Duration,
-    ) -> Result<Self> {
+    pub fn open(name: &str, url: &str, pool_size: Option<u32>, timeout: Duration) -> Result<Self> {
         let timeout = timeout.max(Duration::from_millis(10));
         let opts = PgConnectOptions::from_str(url)
             .map_err(|e| DestinationError::Config(format!("destination {name}: bad url: {e}")))?

@@ -121,8 +121,13 @@ async fn concurrent_opens_migrate_once() {
         .map(|_| {
             let url = url.clone();
             tokio::spawn(async move {
-                let d = PostgresDestination::open("main", &url, Some(2), spool_destination::DEFAULT_TIMEOUT)
-                    .unwrap();
+                let d = PostgresDestination::open(
+                    "main",
+                    &url,
+                    Some(2),
+                    spool_destination::DEFAULT_TIMEOUT,
+                )
+                .unwrap();
                 d.health().await
             })
         })
@@ -135,8 +140,13 @@ async fn concurrent_opens_migrate_once() {
 #[tokio::test]
 async fn a_stopped_server_is_transient_and_writes_resume_after_restart() {
     let mut pg = PgServer::start();
-    let d = PostgresDestination::open("main", pg.url(), Some(2), spool_destination::DEFAULT_TIMEOUT)
-        .unwrap();
+    let d = PostgresDestination::open(
+        "main",
+        pg.url(),
+        Some(2),
+        spool_destination::DEFAULT_TIMEOUT,
+    )
+    .unwrap();
     d.write_batch(&[logged(1, "t", None, r#"{"a":1}"#, 1)])
         .await
         .unwrap();
@@ -224,7 +234,11 @@ async fn a_read_only_server_is_an_outage_not_a_rejection() {
     let d = PostgresDestination::open("main", &url, Some(1), spool_destination::DEFAULT_TIMEOUT)
         .unwrap();
     d.health().await.unwrap();
-    exec(&url, &format!("ALTER DATABASE {db} SET default_transaction_read_only = on")).await;
+    exec(
+        &url,
+        &format!("ALTER DATABASE {db} SET default_transaction_read_only = on"),
+    )
+    .await;
     // The setting applies to new sessions: a fresh destination (pool) sees it.
     let ro = PostgresDestination::open("main", &url, Some(1), spool_destination::DEFAULT_TIMEOUT)
         .unwrap();
@@ -234,7 +248,10 @@ async fn a_read_only_server_is_an_outage_not_a_rejection() {
         .unwrap_err();
     assert!(err.is_outage(), "read-only write classified as {err}");
     let err = ro.health().await.unwrap_err();
-    assert!(err.is_outage() && err.to_string().contains("read-only"), "{err}");
+    assert!(
+        err.is_outage() && err.to_string().contains("read-only"),
+        "{err}"
+    );
     exec(
         &url,
         &format!(
@@ -356,8 +373,9 @@ async fn the_key_migration_keeps_the_first_of_existing_copies() {
     a.entry.idempotency_key = Some("k".into());
     b.entry.idempotency_key = Some("k".into());
     d.write_batch(&[a.clone(), b.clone()]).await.unwrap();
-    let again = PostgresDestination::open("main", &url, Some(1), spool_destination::DEFAULT_TIMEOUT)
-        .unwrap();
+    let again =
+        PostgresDestination::open("main", &url, Some(1), spool_destination::DEFAULT_TIMEOUT)
+            .unwrap();
     again.health().await.unwrap();
     assert!(again.get("s", a.entry.id).await.unwrap().is_some());
     assert!(again.get("s", b.entry.id).await.unwrap().is_none());

@@ -65,14 +65,26 @@ async fn injection() {
 async fn migrations_on_existing_database_and_newer_schema_refused() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("spool.db");
-    let d = SqliteDestination::open("main", &path, None, spool_destination::DEFAULT_SQLITE_TIMEOUT).unwrap();
+    let d = SqliteDestination::open(
+        "main",
+        &path,
+        None,
+        spool_destination::DEFAULT_SQLITE_TIMEOUT,
+    )
+    .unwrap();
     use spool_destination::Destination;
     d.write_batch(&[logged(1, "m", None, r#"{"a":1}"#, 1)])
         .await
         .unwrap();
     d.close().await;
     // Reopen: nothing re-applied, data intact.
-    let d = SqliteDestination::open("main", &path, None, spool_destination::DEFAULT_SQLITE_TIMEOUT).unwrap();
+    let d = SqliteDestination::open(
+        "main",
+        &path,
+        None,
+        spool_destination::DEFAULT_SQLITE_TIMEOUT,
+    )
+    .unwrap();
     let page = d
         .query(&spool_destination::Query {
             source: "m".into(),
@@ -92,8 +104,13 @@ async fn migrations_on_existing_database_and_newer_schema_refused() {
         .unwrap();
     pool.close().await;
     // Opening needs no database; the first contact refuses the newer schema.
-    let d = SqliteDestination::open("main", &path, None, spool_destination::DEFAULT_SQLITE_TIMEOUT)
-        .unwrap();
+    let d = SqliteDestination::open(
+        "main",
+        &path,
+        None,
+        spool_destination::DEFAULT_SQLITE_TIMEOUT,
+    )
+    .unwrap();
     match d.health().await {
         Err(DestinationError::SchemaTooNew { found: 99, .. }) => {}
         Err(e) => panic!("expected SchemaTooNew, got {e}"),
@@ -105,7 +122,13 @@ async fn migrations_on_existing_database_and_newer_schema_refused() {
 async fn the_database_file_is_in_wal_journal_mode() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("spool.db");
-    let d = SqliteDestination::open("main", &path, None, spool_destination::DEFAULT_SQLITE_TIMEOUT).unwrap();
+    let d = SqliteDestination::open(
+        "main",
+        &path,
+        None,
+        spool_destination::DEFAULT_SQLITE_TIMEOUT,
+    )
+    .unwrap();
     use spool_destination::Destination;
     d.health().await.unwrap();
     // journal_mode=WAL is persistent in the file: a fresh connection sees it.

@@ -8,8 +8,7 @@ use crate::lane::Lane;
 use crate::{EngineConfig, EngineObserver, IngestError, NoObserver, Outcome, Receipt};
 use spool_destination::{Destination, DestinationError, Page, Query};
 use spool_wal::{
-    DeadLetter, Entry, RecoveryReport, RetentionReport, Tracked, Wal, WalError,
-    WalStatus,
+    DeadLetter, Entry, RecoveryReport, RetentionReport, Tracked, Wal, WalError, WalStatus,
 };
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -172,9 +171,7 @@ impl Engine {
         let bg = &inner.background;
         for lane in inner.lanes.values() {
             for _ in 0..inner.cfg.workers.max(1) {
-                inner
-                    .workers
-                    .spawn(inner.clone().worker(lane.clone()));
+                inner.workers.spawn(inner.clone().worker(lane.clone()));
             }
             bg.spawn(inner.clone().feeder(lane.clone(), boundary));
             bg.spawn(inner.clone().probe_at_start(lane.clone()));
@@ -340,8 +337,7 @@ impl Engine {
         for l in lanes {
             let r = match l.down_reason() {
                 Some(why) => Err(why),
-                None => match tokio::time::timeout(Duration::from_secs(2), l.dest.health()).await
-                {
+                None => match tokio::time::timeout(Duration::from_secs(2), l.dest.health()).await {
                     Ok(Ok(())) => Ok(()),
                     Ok(Err(e)) => Err(e.to_string()),
                     Err(_) => Err("health check timed out".into()),

@@ -260,7 +260,11 @@ mod tests {
         async fn write_batch(&self, _: &[LoggedEntry]) -> Result<u64, DestinationError> {
             Ok(0)
         }
-        async fn get(&self, _: &str, _: uuid::Uuid) -> Result<Option<StoredEntry>, DestinationError> {
+        async fn get(
+            &self,
+            _: &str,
+            _: uuid::Uuid,
+        ) -> Result<Option<StoredEntry>, DestinationError> {
             Ok(None)
         }
         async fn query(&self, _: &Query) -> Result<Page, DestinationError> {
@@ -293,7 +297,10 @@ mod tests {
         assert!(lane.try_reserve(1));
         lane.push([logged(7)]);
         assert_eq!(lane.used(), 1, "the duplicate's reservation is given back");
-        assert!(lane.take_requeued(10).is_empty(), "nothing to feed while held");
+        assert!(
+            lane.take_requeued(10).is_empty(),
+            "nothing to feed while held"
+        );
         // The worker records the failure and lets go: the requeue is fed now.
         lane.release(&[7], false);
         assert_eq!(lane.take_requeued(10), vec![7]);

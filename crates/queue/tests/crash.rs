@@ -21,8 +21,13 @@ const CHILD_ENV: &str = "SPOOL_QUEUE_CRASH_CHILD_DIR";
 
 async fn engine(dir: &Path) -> (Engine, Arc<SqliteDestination>) {
     let db = Arc::new(
-        SqliteDestination::open("main", &dir.join("spool.db"), None, spool_destination::DEFAULT_SQLITE_TIMEOUT)
-            .unwrap(),
+        SqliteDestination::open(
+            "main",
+            &dir.join("spool.db"),
+            None,
+            spool_destination::DEFAULT_SQLITE_TIMEOUT,
+        )
+        .unwrap(),
     );
     let wal = Wal::open(dir.join("wal"), WalConfig::default()).unwrap();
     let cfg = EngineConfig {

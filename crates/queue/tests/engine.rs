@@ -32,8 +32,13 @@ fn wal(dir: &std::path::Path) -> Wal {
 async fn concurrent_producers_are_delivered_to_sqlite_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
     let db = Arc::new(
-        SqliteDestination::open("main", &dir.path().join("spool.db"), None, spool_destination::DEFAULT_SQLITE_TIMEOUT)
-            .unwrap(),
+        SqliteDestination::open(
+            "main",
+            &dir.path().join("spool.db"),
+            None,
+            spool_destination::DEFAULT_SQLITE_TIMEOUT,
+        )
+        .unwrap(),
     );
     let engine = Engine::start(wal(&dir.path().join("wal")), vec![db.clone()], cfg()).unwrap();
     let mut tasks = Vec::new();
@@ -356,4 +361,83 @@ async fn an_unknown_destination_is_refused_before_anything_is_written() {
         Err(IngestError::UnknownDestination(_))
     ));
     assert_eq!(engine.wal_status().visible_lsn, 0);
+}
+
+/// A write refused as an outage while the health check passes (a read-only or
+/// locked database) is still an outage: no attempt burned, no dead letter.
+#[tokio::test]
+async fn an_outage_the_health_check_does_not_see_makes_no_dead_letters() {
+    let dir = tempfile::tempdir().unwrap();
+    let dest = Faulty::new("main");
+    dest.refuse_writes.store(true, Ordering::SeqCst);
+    let engine = Engine::start(
+        wal(dir.path()),
+        vec![dest.clone()],
+        EngineConfig {
+            max_attempts: 1,
+            backoff_initial: Duration::from_millis(2),
+            backoff_max: Duration::from_millis(10),
+            ..cfg()
+        },
+    )
+    .unwrap();
+    let r = engine
+        .ingest((0..3).map(entry).collect(), true)
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while dest.attempts.lock().unwrap().len() < 5 {
+        assert!(std::time::Instant::now() < deadline, "no retries");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert!(engine.dead_letters(None, 10).is_empty());
+    assert!(!engine.lanes()[0].up);
+    dest.refuse_writes.store(false, Ordering::SeqCst);
+    assert_eq!(r.outcomes().await, vec![Outcome::Delivered; 3]);
+    assert!(engine.lanes()[0].up);
+}
+
+/// Purge ends dead letters for good: not delivered, gone after a restart, and
+/// ids that are not dead letters are reported, not purged.
+#[tokio::test]
+async fn purged_dead_letters_are_never_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let dest = Faulty::new("main");
+    let engine = Engine::start(wal(dir.path()), vec![dest.clone()], cfg()).unwrap();
+    let r = engine
+        .ingest(vec![poison(1), poison(2), entry(3)], true)
+        .await
+        .unwrap();
+    let ids: Vec<_> = r.accepted.iter().map(|a| a.id).collect();
+    r.outcomes().await;
+    assert_eq!(engine.dead_letters(None, 10).len(), 2);
+    let out = engine.purge(Select::Ids(&[ids[0], ids[2]])).await.unwrap();
+    assert_eq!(
+        out.done.iter().map(|d| d.id).collect::<Vec<_>>(),
+        vec![ids[0]]
+    );
+    assert_eq!(out.not_dead_letters, vec![ids[2]], "delivered: not purged");
+    assert_eq!(engine.status(ids[0]), None);
+    // Requeue all: only the one left is redelivered (and fails again).
+    dest.reject_with_index.store(true, Ordering::SeqCst);
+    let all = engine.requeue(Select::All).await.unwrap();
+    assert_eq!(
+        all.done.iter().map(|d| d.id).collect::<Vec<_>>(),
+        vec![ids[1]]
+    );
+    engine.shutdown(Duration::from_secs(5)).await;
+    let engine = Engine::start(wal(dir.path()), vec![dest.clone()], cfg()).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while engine.dead_letters(None, 10).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "requeued entry not retried"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let dead: Vec<_> = engine.dead_letters(None, 10).iter().map(|d| d.id).collect();
+    assert_eq!(dead, vec![ids[1]], "the purged entry never comes back");
+    assert_eq!(engine.purge(Select::All).await.unwrap().done.len(), 1);
+    assert!(engine.dead_letters(None, 10).is_empty());
+    assert_eq!(dest.row_count(), 1);
 }

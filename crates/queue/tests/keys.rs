@@ -147,7 +147,8 @@ async fn concurrent_duplicates_write_exactly_one_entry() {
     }
     engine.shutdown(Duration::from_secs(5)).await;
     // 20 keyed entries and 8 × 20 unkeyed ones, nothing more.
-    let wal = spool_wal::Wal::open(dir.path().join("wal"), spool_wal::WalConfig::default()).unwrap();
+    let wal =
+        spool_wal::Wal::open(dir.path().join("wal"), spool_wal::WalConfig::default()).unwrap();
     let wal_entries = wal
         .reader(1)
         .filter(|r| matches!(r, Ok((_, spool_wal::Record::Entry(_)))))
@@ -273,4 +274,34 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
         }
     }
     out
+}
+
+/// `wait=delivered` replays of a still-pending entry whose callers gave up must
+/// not pile up receipt senders (before: one per replay, kept until delivery).
+#[tokio::test]
+async fn replays_of_a_pending_entry_do_not_grow_the_waiter_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let dest = Faulty::new("main");
+    dest.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    let engine = start(dir.path(), &dest, false);
+    let first = engine
+        .ingest(vec![keyed("agents", "k", 1)], true)
+        .await
+        .unwrap();
+    for n in 0..1000 {
+        let again = engine
+            .ingest(vec![keyed("agents", "k", n + 2)], true)
+            .await
+            .unwrap();
+        assert!(again.any_replayed());
+        // The caller's deadline passes: its receipt is dropped.
+        assert_eq!(again.wait(Duration::ZERO).await, vec![Outcome::Pending]);
+    }
+    assert!(
+        engine.waiting() <= 2,
+        "{} receipt senders kept for one pending entry",
+        engine.waiting()
+    );
+    dest.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(first.outcomes().await, vec![Outcome::Delivered]);
 }

@@ -8,8 +8,7 @@ mod common;
 use async_trait::async_trait;
 use common::entry;
 use spool_destination::{
-    Destination, DestinationError, Page, PostgresDestination, Query, SqliteDestination,
-    StoredEntry,
+    Destination, DestinationError, Page, PostgresDestination, Query, SqliteDestination, StoredEntry,
 };
 use spool_queue::{Engine, EngineConfig, Outcome};
 use spool_testkit::PgServer;
@@ -96,11 +95,16 @@ where
         .await
         .unwrap();
     let ids: Vec<_> = r.accepted.iter().map(|a| a.id).collect();
-    until(Duration::from_secs(30), "three failed write attempts", || {
-        counting.writes.load(Ordering::SeqCst) >= 3
-    })
+    until(
+        Duration::from_secs(30),
+        "three failed write attempts",
+        || counting.writes.load(Ordering::SeqCst) >= 3,
+    )
     .await;
-    assert!(engine.dead_letters(None, 10).is_empty(), "an outage made dead letters");
+    assert!(
+        engine.dead_letters(None, 10).is_empty(),
+        "an outage made dead letters"
+    );
     let lane = &engine.lanes()[0];
     assert!(!lane.up, "the outage is reported");
     assert!(lane.down_reason.is_some());
@@ -192,9 +196,8 @@ async fn a_read_only_sqlite_file_makes_no_dead_letters() {
     let first = sqlite(&path, Duration::from_millis(100)).await;
     first.close().await;
     let guard = ReadOnly::make(&path);
-    let db = Arc::new(
-        SqliteDestination::open("main", &path, None, Duration::from_millis(100)).unwrap(),
-    );
+    let db =
+        Arc::new(SqliteDestination::open("main", &path, None, Duration::from_millis(100)).unwrap());
     outage_makes_no_dead_letters(db, || async move { drop(guard) }).await;
 }
 

@@ -61,8 +61,13 @@ async fn poison_is_isolated(dest: Arc<dyn Destination>, bad: &str) {
 #[tokio::test]
 async fn sqlite_poison_entry_is_isolated() {
     let dir = tempfile::tempdir().unwrap();
-    let db = SqliteDestination::open("main", &dir.path().join("spool.db"), None, spool_destination::DEFAULT_SQLITE_TIMEOUT)
-        .unwrap();
+    let db = SqliteDestination::open(
+        "main",
+        &dir.path().join("spool.db"),
+        None,
+        spool_destination::DEFAULT_SQLITE_TIMEOUT,
+    )
+    .unwrap();
     poison_is_isolated(Arc::new(db), "{not json").await;
 }
 
@@ -78,8 +83,13 @@ async fn postgres_poison_entry_is_isolated() {
 async fn postgres_outage_sheds_without_dead_letters_and_delivers_after_recovery() {
     let mut pg = PgServer::start();
     let dest = Arc::new(
-        PostgresDestination::open("main", pg.url(), Some(2), spool_destination::DEFAULT_TIMEOUT)
-            .unwrap(),
+        PostgresDestination::open(
+            "main",
+            pg.url(),
+            Some(2),
+            spool_destination::DEFAULT_TIMEOUT,
+        )
+        .unwrap(),
     );
     let dir = tempfile::tempdir().unwrap();
     let engine = Engine::start(

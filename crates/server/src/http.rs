@@ -700,39 +700,38 @@ async fn write(
                 .retry(secs)
             })?;
     }
-    let receipt = match app.engine.ingest(entries, wait_delivered).await {
-        Ok(r) => r,
-        Err(IngestError::Full { retry_after, .. }) => {
-            return Err(ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "queue_full",
-                "the delivery queue is full; nothing was written",
-            )
-            .retry(retry_after.as_secs()))
-        }
-        Err(IngestError::Closed) => return Err(ApiError::unavailable("shutting down")),
-        Err(IngestError::LowDisk { .. }) => {
-            return Err(ApiError::unavailable(
+    let receipt =
+        match app.engine.ingest(entries, wait_delivered).await {
+            Ok(r) => r,
+            Err(IngestError::Full { retry_after, .. }) => {
+                return Err(ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "queue_full",
+                    "the delivery queue is full; nothing was written",
+                )
+                .retry(retry_after.as_secs()))
+            }
+            Err(IngestError::Closed) => return Err(ApiError::unavailable("shutting down")),
+            Err(IngestError::LowDisk { .. }) => return Err(ApiError::unavailable(
                 "free disk space under the WAL is below wal.min_free_bytes; nothing was written",
-            ))
-        }
-        Err(IngestError::Wal(e)) => {
-            tracing::error!(error = %e, "WAL append failed");
-            let msg = if e.is_out_of_space() {
-                "the WAL's disk is full; nothing was written".to_owned()
-            } else {
-                format!("the WAL cannot write; nothing was written ({e})")
-            };
-            return Err(ApiError::unavailable(msg));
-        }
-        Err(e) => {
-            return Err(ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                e.to_string(),
-            ));
-        }
-    };
+            )),
+            Err(IngestError::Wal(e)) => {
+                tracing::error!(error = %e, "WAL append failed");
+                let msg = if e.is_out_of_space() {
+                    "the WAL's disk is full; nothing was written".to_owned()
+                } else {
+                    format!("the WAL cannot write; nothing was written ({e})")
+                };
+                return Err(ApiError::unavailable(msg));
+            }
+            Err(e) => {
+                return Err(ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    e.to_string(),
+                ));
+            }
+        };
     let replayed = receipt.any_replayed();
     let accepted = receipt.accepted.clone();
     let (status, answers) = if wait_delivered {
@@ -1042,20 +1041,22 @@ async fn requeue(
     })
     .await?;
     let ids: Vec<Uuid> = out.done.iter().map(|d| d.id).collect();
-    Ok(Json(json!({"requeued": ids.len(), "ids": ids, "not_dead_letters": out.not_dead_letters})).into_response())
+    Ok(
+        Json(json!({"requeued": ids.len(), "ids": ids, "not_dead_letters": out.not_dead_letters}))
+            .into_response(),
+    )
 }
 
-async fn purge(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    body: Body,
-) -> ApiResult<Response> {
+async fn purge(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> ApiResult<Response> {
     let out = dlq_op(&app, &headers, body, |engine, ids| async move {
         engine.purge(select(&ids)).await
     })
     .await?;
     let ids: Vec<Uuid> = out.done.iter().map(|d| d.id).collect();
-    Ok(Json(json!({"purged": ids.len(), "ids": ids, "not_dead_letters": out.not_dead_letters})).into_response())
+    Ok(
+        Json(json!({"purged": ids.len(), "ids": ids, "not_dead_letters": out.not_dead_letters}))
+            .into_response(),
+    )
 }
 
 async fn stats(State(app): State<Arc<App>>, headers: HeaderMap) -> ApiResult<Response> {

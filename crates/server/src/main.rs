@@ -248,10 +248,20 @@ fn main() -> ExitCode {
             } => load_config(config.as_ref())
                 .and_then(|c| ops::dlq_list(&c, source.as_deref(), limit, json)),
             DlqCmd::Requeue(s) => load_config(s.config.as_ref()).and_then(|c| {
-                runtime()?.block_on(ops::dlq(&c, ops::DlqOp::Requeue, (!s.all).then_some(s.ids), s.json))
+                runtime()?.block_on(ops::dlq(
+                    &c,
+                    ops::DlqOp::Requeue,
+                    (!s.all).then_some(s.ids),
+                    s.json,
+                ))
             }),
             DlqCmd::Purge(s) => load_config(s.config.as_ref()).and_then(|c| {
-                runtime()?.block_on(ops::dlq(&c, ops::DlqOp::Purge, (!s.all).then_some(s.ids), s.json))
+                runtime()?.block_on(ops::dlq(
+                    &c,
+                    ops::DlqOp::Purge,
+                    (!s.all).then_some(s.ids),
+                    s.json,
+                ))
             }),
         },
     };
@@ -298,9 +308,7 @@ async fn serve_async(cfg: Config) -> Result<ExitCode> {
     let dests = cfg
         .destinations
         .iter()
-        .map(|d| {
-            spool_destination::open(d).with_context(|| format!("destination {:?}", d.name))
-        })
+        .map(|d| spool_destination::open(d).with_context(|| format!("destination {:?}", d.name)))
         .collect::<Result<Vec<_>>>()?;
     let engine =
         spool_queue::Engine::start_with_observer(wal, dests, cfg.engine_config(), metrics.clone())

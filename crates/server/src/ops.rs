@@ -203,7 +203,7 @@ pub async fn replay(cfg: &Config, r: Replay) -> Out {
     } else {
         None
     };
-    let (mut counts, mut skipped, mut copied) = ([0u64; 3], 0u64, 0u64);
+    let (mut counts, mut skipped, mut copied, mut purged) = ([0u64; 3], 0u64, 0u64, 0u64);
     let mut batch = Vec::new();
     let mut pending_lsns = Vec::new();
     let flush = |batch: &mut Vec<spool_wal::LoggedEntry>, pending: &mut Vec<u64>| {
@@ -233,6 +233,11 @@ pub async fn replay(cfg: &Config, r: Replay) -> Out {
             b.set_position(lsn.saturating_sub(r.from));
         }
         let Record::Entry(entry) = rec else { continue };
+        if wal.is_purged(lsn) {
+            // Discarded by an operator: never delivered, not by replay either.
+            purged += 1;
+            continue;
+        }
         let wanted_source = match &r.source {
             Some(s) => &entry.source == s,
             None => entry.destination == r.destination,
@@ -269,11 +274,11 @@ pub async fn replay(cfg: &Config, r: Replay) -> Out {
         print_json(json!({
             "destination": r.destination, "dry_run": r.dry_run, "replayed": total,
             "pending": counts[0], "delivered": counts[1], "failed": counts[2], "skipped": skipped,
-            "copied_from_other_destinations": copied,
+            "copied_from_other_destinations": copied, "purged_skipped": purged,
         }));
     } else {
         println!(
-            "{} {total} entries to {:?} (pending {}, delivered {}, failed {}; {copied} of another destination, status unchanged); skipped {skipped}",
+            "{} {total} entries to {:?} (pending {}, delivered {}, failed {}; {copied} of another destination, status unchanged); skipped {skipped}, purged {purged}",
             if r.dry_run {
                 "would replay"
             } else {

@@ -19,7 +19,9 @@ impl BlackHole {
     /// Listen on a free 127.0.0.1 port, forwarding to `upstream`.
     pub fn start(upstream: SocketAddr) -> BlackHole {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
-        listener.set_nonblocking(true).expect("nonblocking listener");
+        listener
+            .set_nonblocking(true)
+            .expect("nonblocking listener");
         let addr = listener.local_addr().expect("proxy address");
         let frozen = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));

@@ -328,7 +328,10 @@ pub async fn keyed_entries_are_unique_per_source_and_copies_are_counted(d: Dest)
     let copy = keyed(2, "s", "k"); // another id: a retry another node accepted
     let other_source = keyed(3, "t", "k");
     let other_key = keyed(4, "s", "k2");
-    assert_eq!(d.write_batch(std::slice::from_ref(&first)).await.unwrap(), 0);
+    assert_eq!(
+        d.write_batch(std::slice::from_ref(&first)).await.unwrap(),
+        0
+    );
     assert_eq!(
         d.write_batch(&[copy.clone(), other_source.clone(), other_key.clone()])
             .await

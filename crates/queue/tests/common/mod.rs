@@ -106,10 +106,11 @@ impl Destination for Faulty {
         let mut rows = self.rows.lock().unwrap();
         let mut duplicates = 0;
         for e in batch {
-            if rows.contains_key(&e.entry.id) {
-                duplicates += 1;
-            } else {
-                rows.insert(e.entry.id, e.clone());
+            match rows.entry(e.entry.id) {
+                std::collections::hash_map::Entry::Occupied(_) => duplicates += 1,
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(e.clone());
+                }
             }
         }
         Ok(duplicates)
