@@ -194,7 +194,11 @@ fn poison_entries_are_dead_lettered_with_a_reason_and_requeue_after_the_fix() {
         pg_dest(&pg)
     );
     let s = Server::start(dir.path(), &extra);
-    // The table exists once the server is up; a constraint makes some entries poison.
+    // The table exists once the destination has answered (the first contact
+    // migrates it: /readyz says so); a constraint makes some entries poison.
+    eventually(Duration::from_secs(30), "the destination migrated", || {
+        s.get("/readyz").status == 200
+    });
     psql(
         &pg,
         "ALTER TABLE spool_entries ADD CONSTRAINT no_poison CHECK (NOT (payload ? 'poison'))",
