@@ -95,6 +95,13 @@ impl PostgresDestination {
                     "idle_in_transaction_session_timeout",
                     format!("{}", timeout.as_millis()),
                 ),
+                // Server-side TCP keepalive: a session whose spool node vanished
+                // is ended (its locks released) within about a minute. sqlx has
+                // no client-side keepalive (launchbadge/sqlx#3540); the client
+                // deadline above bounds every statement instead.
+                ("tcp_keepalives_idle", "30".to_owned()),
+                ("tcp_keepalives_interval", "10".to_owned()),
+                ("tcp_keepalives_count", "3".to_owned()),
             ]);
         let pool = PgPoolOptions::new()
             .max_connections(pool_size.unwrap_or(8).max(1))
