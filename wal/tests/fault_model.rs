@@ -1,4 +1,4 @@
-//! Fault model test: random appends, markers, requeues, rotations and retentions
+//! Fault model test: random appends, markers, requeues, purges, rotations and retentions
 //! through the fault seam, with injected write, sync and truncate failures, and
 //! restarts after a clean close, a kill, or a power loss (unsynced bytes dropped at
 //! random, holes included). After every restart the WAL must open (a crash is never
@@ -25,6 +25,7 @@ enum Op {
     Deliver(usize),
     Fail(usize),
     Requeue(usize),
+    Purge(usize),
     Rotate,
     Retention,
     /// Arm a failure of the next call of this kind.
@@ -55,6 +56,7 @@ fn op() -> impl Strategy<Value = Op> {
         3 => any::<usize>().prop_map(Op::Deliver),
         1 => any::<usize>().prop_map(Op::Fail),
         1 => any::<usize>().prop_map(Op::Requeue),
+        1 => any::<usize>().prop_map(Op::Purge),
         1 => Just(Op::Rotate),
         1 => Just(Op::Retention),
         2 => (kind, fault).prop_map(|(k, f)| Op::Inject(k, f)),
@@ -72,6 +74,8 @@ enum St {
     Pending,
     Delivered,
     Dead,
+    /// A dead letter an operator purged: gone, and never to be replayed.
+    Purged,
 }
 
 /// What the model knows of one entry: its status as acknowledged, and the older
@@ -138,6 +142,20 @@ impl Model {
             .map(|d| d.lsn)
             .collect();
         assert_eq!(dead, self.with(St::Dead), "dead letters");
+        self.check_purged(wal);
+    }
+
+    /// Every purged entry whose record is still in the WAL is known purged (so
+    /// replay skips it), and nothing else is.
+    fn check_purged(&self, wal: &Wal) {
+        for item in wal.reader(1) {
+            let (lsn, rec) = item.unwrap();
+            if !matches!(rec, spool_wal::Record::Entry(_)) {
+                continue;
+            }
+            let purged = self.entries.get(&lsn).is_some_and(|k| k.st == St::Purged);
+            assert_eq!(wal.is_purged(lsn), purged, "lsn {lsn}: purged flag");
+        }
     }
 
     /// After a restart: every entry is in a status the model allows; adopt it.
@@ -154,7 +172,16 @@ impl Model {
             observed.insert(d.lsn, St::Dead);
         }
         for (lsn, k) in &mut self.entries {
-            let got = observed.remove(lsn).unwrap_or(St::Delivered);
+            let gone = if k.st == St::Purged || k.undo.contains(&St::Purged) {
+                if wal.is_purged(*lsn) || k.st == St::Purged {
+                    St::Purged
+                } else {
+                    St::Delivered
+                }
+            } else {
+                St::Delivered
+            };
+            let got = observed.remove(lsn).unwrap_or(gone);
             assert!(
                 got == k.st || k.undo.contains(&got),
                 "entry {} (lsn {lsn}) is {got:?} after {crash:?}; acknowledged {:?}, may revert to {:?}",
@@ -184,6 +211,7 @@ impl Model {
         self.undecided.clear();
         self.cut_may_fail = false;
         self.poisoned = false;
+        self.check_purged(wal);
     }
 }
 
@@ -282,6 +310,24 @@ fn run(ops: Vec<Op>) {
                             if m.refused(&e) {
                                 // Its record may have reached the disk.
                                 m.entries.get_mut(&l).unwrap().undo.insert(St::Pending);
+                            }
+                        }
+                    }
+                }
+                Op::Purge(i) => {
+                    let Some(l) = pick(m.with(St::Dead), &i) else {
+                        return;
+                    };
+                    match wal.purge(&[l]).await {
+                        Ok(v) => {
+                            assert_eq!(v, vec![l]);
+                            m.set(l, St::Purged);
+                            m.barrier();
+                        }
+                        Err(e) => {
+                            if m.refused(&e) {
+                                // Its record may have reached the disk.
+                                m.entries.get_mut(&l).unwrap().undo.insert(St::Purged);
                             }
                         }
                     }
