@@ -209,6 +209,7 @@ pub fn inspect(dir: impl AsRef<Path>, from: u64, limit: usize) -> Result<Vec<Rec
                 info.status = Some(match st.tracked.get(&lsn).map(|m| &m.status) {
                     Some(Tracked::Pending) => "pending",
                     Some(Tracked::Dead { .. }) => "failed",
+                    None if st.purged.contains(&lsn) => "purged",
                     None => "delivered",
                 });
             }

@@ -24,6 +24,16 @@ pub enum DestinationError {
         /// What happened.
         message: String,
     },
+    /// An outage that a smaller batch may get through: a statement timeout (the
+    /// server's 57014 or the client deadline) or the server out of memory. The
+    /// engine splits a batch on it; a single entry is treated as an outage.
+    #[error("destination {destination} timed out: {message}")]
+    TimedOut {
+        /// Destination name.
+        destination: String,
+        /// What happened.
+        message: String,
+    },
     /// A failure of unknown cause: retry later, counting attempts.
     #[error("destination {destination} failed: {message}")]
     Transient {
@@ -67,13 +77,43 @@ impl DestinationError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            DestinationError::Unavailable { .. } | DestinationError::Transient { .. }
+            DestinationError::Unavailable { .. }
+                | DestinationError::TimedOut { .. }
+                | DestinationError::Transient { .. }
         )
     }
 
     /// The destination as a whole cannot take writes now: no entry is to blame.
     pub fn is_outage(&self) -> bool {
-        matches!(self, DestinationError::Unavailable { .. })
+        matches!(
+            self,
+            DestinationError::Unavailable { .. } | DestinationError::TimedOut { .. }
+        )
+    }
+
+    /// An outage a smaller batch may get through (a timeout, out of memory).
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, DestinationError::TimedOut { .. })
+    }
+
+    /// The same error, as an outage: for failures outside any entry's control
+    /// (a migration that could not run).
+    pub(crate) fn into_outage(self) -> DestinationError {
+        match self {
+            DestinationError::Rejected {
+                destination,
+                reason: message,
+                ..
+            }
+            | DestinationError::Transient {
+                destination,
+                message,
+            } => DestinationError::Unavailable {
+                destination,
+                message,
+            },
+            other => other,
+        }
     }
 
     /// The data itself was refused; retrying it unchanged cannot succeed.
@@ -101,6 +141,10 @@ pub(crate) fn classify(name: &str, e: sqlx::Error) -> DestinationError {
                 format!("{msg} (SQLite code {code})")
             };
             match class {
+                Class::Timeout => DestinationError::TimedOut {
+                    destination,
+                    message: what,
+                },
                 Class::Outage => DestinationError::Unavailable {
                     destination,
                     message: what,
@@ -142,6 +186,8 @@ pub(crate) fn classify(name: &str, e: sqlx::Error) -> DestinationError {
 /// Who is to blame for a database error.
 #[derive(Debug, PartialEq, Eq)]
 enum Class {
+    /// The destination as a whole, but a smaller batch may pass (no attempt).
+    Timeout,
     /// The destination as a whole (no attempt counted).
     Outage,
     /// The entry (isolate it; a dead letter).
@@ -150,7 +196,9 @@ enum Class {
     Unknown,
 }
 
-/// PostgreSQL SQLSTATE → class. Data exceptions (22), integrity violations (23)
+/// PostgreSQL SQLSTATE → class. A statement timeout (57014) and out of memory
+/// (53200) are outages a smaller batch may get through. Data exceptions (22),
+/// integrity violations (23)
 /// and program limits (54: "string is too long for tsvector", index row too big)
 /// come from an entry. Connection (08), read-only transaction (25006), resources
 /// (53: disk full, out of memory, too many connections), lock not available
@@ -158,6 +206,9 @@ enum Class {
 /// (58), serialization/deadlock (40), authorization (28, 42501), a missing database
 /// (3D000) or table (42P01) come from the destination.
 fn postgres_class(code: &str) -> Class {
+    if matches!(code, "57014" | "53200") {
+        return Class::Timeout;
+    }
     match &code[..2] {
         "22" | "23" | "54" => Class::Entry,
         "08" | "53" | "57" | "58" | "40" | "28" => Class::Outage,
@@ -190,10 +241,13 @@ mod tests {
             assert_eq!(postgres_class(c), Class::Entry, "{c}");
         }
         for c in [
-            "08006", "25006", "53100", "53200", "53300", "57P01", "57P03", "57014", "55P03",
-            "40001", "40P01", "58030",
+            "08006", "25006", "53100", "53300", "57P01", "57P03", "55P03", "40001", "40P01",
+            "58030",
         ] {
             assert_eq!(postgres_class(c), Class::Outage, "{c}");
+        }
+        for c in ["57014", "53200"] {
+            assert_eq!(postgres_class(c), Class::Timeout, "{c}");
         }
         assert_eq!(postgres_class("XX000"), Class::Unknown);
     }

@@ -5,8 +5,8 @@
 //! conflict is either the id (a redelivery) or (source, idempotency_key) (a keyed
 //! retry another spool node stored first). The pool connects lazily and the schema
 //! is migrated at the first successful contact, so spool starts while Postgres is
-//! down. Every statement has a server-side `statement_timeout` and a client-side
-//! deadline of the same length: a black-holed connection is an outage, never a
+//! down. Every statement has a server-side `statement_timeout` and a slightly
+//! longer client-side deadline: a black-holed connection is an outage, never a
 //! hung worker.
 //! The payload is `jsonb`; full-text search uses a GIN index over
 //! `jsonb_to_tsvector('simple', payload, '["string"]')`, the same words SQLite's
@@ -21,6 +21,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Executor, Postgres, QueryBuilder, Row};
 use std::future::Future;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::OnceCell;
 use uuid::Uuid;
@@ -44,20 +45,24 @@ const MIGRATIONS: &[&str] = &[
         USING gin (jsonb_to_tsvector('simple', payload, '["string"]'));
     "#,
     // 2: keyed entries are unique per source (several nodes share a database and
-    // each keeps its own key index). Copies stored before this keep the first.
+    // each keeps its own key index). Of copies stored before this, the first
+    // accepted stays; the others move to spool_entries_displaced (kept, not
+    // deleted). The lock keeps older nodes from adding a copy meanwhile.
     r#"
-    DELETE FROM spool_entries a USING spool_entries b
-     WHERE a.idempotency_key IS NOT NULL
-       AND a.source = b.source AND a.idempotency_key = b.idempotency_key
-       AND (a.created_at, a.id) > (b.created_at, b.id);
+    LOCK TABLE spool_entries IN SHARE ROW EXCLUSIVE MODE;
+    CREATE TABLE spool_entries_displaced (LIKE spool_entries);
+    WITH moved AS (
+        DELETE FROM spool_entries a USING spool_entries b
+         WHERE a.idempotency_key IS NOT NULL
+           AND a.source = b.source AND a.idempotency_key = b.idempotency_key
+           AND (a.created_at, a.id) > (b.created_at, b.id)
+        RETURNING a.*
+    )
+    INSERT INTO spool_entries_displaced SELECT * FROM moved;
     CREATE UNIQUE INDEX spool_entries_by_key ON spool_entries (source, idempotency_key)
         WHERE idempotency_key IS NOT NULL;
     "#,
 ];
-
-/// Longest a migration may take (an index build on a large table); ordinary
-/// statements get the destination's `timeout`.
-const MIGRATION_DEADLINE: Duration = Duration::from_secs(600);
 
 /// Advisory lock key serializing migrations of several spool nodes.
 const MIGRATION_LOCK: i64 = 0x5350_4f4f_4c00_0001;
@@ -88,24 +93,30 @@ impl PostgresDestination {
     pub fn open(name: &str, url: &str, pool_size: Option<u32>, timeout: Duration) -> Result<Self> {
         let timeout = timeout.max(Duration::from_millis(10));
         let opts = PgConnectOptions::from_str(url)
-            .map_err(|e| DestinationError::Config(format!("destination {name}: bad url: {e}")))?
-            .options([
-                ("statement_timeout", format!("{}", timeout.as_millis())),
-                (
-                    "idle_in_transaction_session_timeout",
-                    format!("{}", timeout.as_millis()),
-                ),
-                // Server-side TCP keepalive: a session whose spool node vanished
-                // is ended (its locks released) within about a minute. sqlx has
-                // no client-side keepalive (launchbadge/sqlx#3540); the client
-                // deadline above bounds every statement instead.
-                ("tcp_keepalives_idle", "30".to_owned()),
-                ("tcp_keepalives_interval", "10".to_owned()),
-                ("tcp_keepalives_count", "3".to_owned()),
-            ]);
+            .map_err(|e| DestinationError::Config(format!("destination {name}: bad url: {e}")))?;
+        // SET after connecting, not startup options: connection poolers
+        // (PgBouncer) refuse unknown startup parameters.
+        let ms = timeout.as_millis();
+        let setup: Arc<[String]> = [
+            format!("SET statement_timeout = {ms}"),
+            format!("SET idle_in_transaction_session_timeout = {ms}"),
+            "SET tcp_keepalives_idle = 30".into(),
+            "SET tcp_keepalives_interval = 10".into(),
+            "SET tcp_keepalives_count = 3".into(),
+        ]
+        .into();
         let pool = PgPoolOptions::new()
             .max_connections(pool_size.unwrap_or(8).max(1))
             .acquire_timeout(timeout.min(Duration::from_secs(5)))
+            .after_connect(move |conn, _| {
+                let setup = setup.clone();
+                Box::pin(async move {
+                    for stmt in setup.iter() {
+                        conn.execute(stmt.as_str()).await?;
+                    }
+                    Ok(())
+                })
+            })
             .connect_lazy_with(opts);
         Ok(PostgresDestination {
             name: name.to_owned(),
@@ -119,26 +130,26 @@ impl PostgresDestination {
         classify(&self.name, e)
     }
 
-    /// Run `op` once the schema is migrated, within the client deadline.
+    /// Run `op` once the schema is migrated, within the client deadline: the
+    /// server's `statement_timeout` plus a margin, so the server's 57014 is what
+    /// normally ends a slow statement and the deadline only a silent connection.
     async fn run<T, F>(&self, op: F) -> Result<T>
     where
         F: Future<Output = std::result::Result<T, sqlx::Error>>,
     {
-        let deadline = |limit: Duration| DestinationError::Unavailable {
-            destination: self.name.clone(),
-            message: format!("no answer within {limit:?}"),
-        };
-        let migrate = tokio::time::timeout(MIGRATION_DEADLINE, self.migrate());
+        // A migration has no deadline (an index build on a large table may take
+        // long; abandoning it would leave the server building it anyway), and
+        // its failures are never an entry's fault.
         self.migrated
-            .get_or_try_init(|| async {
-                migrate
-                    .await
-                    .unwrap_or_else(|_| Err(deadline(MIGRATION_DEADLINE)))
-            })
+            .get_or_try_init(|| async { self.migrate().await.map_err(|e| e.into_outage()) })
             .await?;
-        tokio::time::timeout(self.timeout, op)
+        let deadline = self.timeout + (self.timeout / 2).max(Duration::from_millis(500));
+        tokio::time::timeout(deadline, op)
             .await
-            .map_err(|_| deadline(self.timeout))?
+            .map_err(|_| DestinationError::TimedOut {
+                destination: self.name.clone(),
+                message: format!("no answer within {deadline:?}"),
+            })?
             .map_err(|e| self.err(e))
     }
 

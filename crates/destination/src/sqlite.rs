@@ -47,18 +47,23 @@ const MIGRATIONS: &[&str] = &[
         SELECT new.rowid, group_concat(value, ' ') FROM json_tree(new.payload) WHERE type = 'text';
     END;
     "#,
-    // 2: keyed entries are unique per source; copies stored before this keep the
-    // first (their words leave the contentless full-text index too).
+    // 2: keyed entries are unique per source. Of copies stored before this, the
+    // first accepted stays; the others move to spool_entries_displaced (kept, not
+    // deleted) and leave the contentless full-text index.
     r#"
+    CREATE TABLE spool_entries_displaced AS SELECT * FROM spool_entries WHERE 0;
     CREATE TEMP TABLE spool_dup_keys AS
-        SELECT rowid AS r, payload FROM spool_entries
-         WHERE idempotency_key IS NOT NULL
-           AND rowid NOT IN (SELECT min(rowid) FROM spool_entries
-                              WHERE idempotency_key IS NOT NULL
-                              GROUP BY source, idempotency_key);
+        SELECT r FROM (
+            SELECT rowid AS r, row_number() OVER (
+                PARTITION BY source, idempotency_key ORDER BY created_at, id) AS n
+              FROM spool_entries WHERE idempotency_key IS NOT NULL)
+         WHERE n > 1;
+    INSERT INTO spool_entries_displaced
+        SELECT * FROM spool_entries WHERE rowid IN (SELECT r FROM spool_dup_keys);
     INSERT INTO spool_entries_fts (spool_entries_fts, rowid, body)
-        SELECT 'delete', r, (SELECT group_concat(value, ' ') FROM json_tree(payload) WHERE type = 'text')
-          FROM spool_dup_keys;
+        SELECT 'delete', e.rowid,
+               (SELECT group_concat(value, ' ') FROM json_tree(e.payload) WHERE type = 'text')
+          FROM spool_entries e WHERE e.rowid IN (SELECT r FROM spool_dup_keys);
     DELETE FROM spool_entries WHERE rowid IN (SELECT r FROM spool_dup_keys);
     DROP TABLE spool_dup_keys;
     CREATE UNIQUE INDEX spool_entries_by_key ON spool_entries (source, idempotency_key)
@@ -311,13 +316,28 @@ impl Destination for SqliteDestination {
         })
     }
 
+    /// Migrated, the table there, and writable: takes the write lock (waiting up
+    /// to the busy timeout) and gives it back. A read-only file, a missing table
+    /// or another writer holding the lock past the timeout fail it.
     async fn health(&self) -> Result<()> {
         self.ready().await?;
-        sqlx::query("SELECT 1")
-            .execute(&self.writer)
-            .await
-            .map(drop)
-            .map_err(|e| self.err(e))
+        let mut conn = self.writer.acquire().await.map_err(|e| self.err(e))?;
+        let probe = async {
+            sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await?;
+            let table = sqlx::query("SELECT 1 FROM spool_entries LIMIT 0")
+                .execute(&mut *conn)
+                .await;
+            sqlx::query("ROLLBACK").execute(&mut *conn).await?;
+            table.map(drop)
+        };
+        match probe.await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                // Maybe mid-transaction, maybe opened read-only: open afresh.
+                conn.close_on_drop();
+                Err(self.err(e))
+            }
+        }
     }
 
     async fn close(&self) {

@@ -287,6 +287,10 @@ async fn a_lock_held_past_the_statement_timeout_is_an_outage() {
         .await
         .unwrap_err();
     assert!(err.is_outage(), "lock timeout classified as {err}");
+    assert!(
+        err.to_string().contains("57014"),
+        "the server's statement_timeout ends it, not the client deadline: {err}"
+    );
     assert!(started.elapsed() < std::time::Duration::from_secs(10));
     tx.rollback().await.unwrap();
     d.write_batch(&[logged(1, "t", None, r#"{"a":1}"#, 1)])
@@ -365,7 +369,8 @@ async fn the_key_migration_keeps_the_first_of_existing_copies() {
     // Back to version 1 with two copies of one key.
     exec(
         &url,
-        "DROP INDEX spool_entries_by_key; DELETE FROM spool_schema WHERE version = 2;",
+        "DROP INDEX spool_entries_by_key; DROP TABLE spool_entries_displaced; \
+         DELETE FROM spool_schema WHERE version = 2;",
     )
     .await;
     let mut a = logged(1, "s", None, r#"{"a":1}"#, 1);
@@ -379,4 +384,11 @@ async fn the_key_migration_keeps_the_first_of_existing_copies() {
     again.health().await.unwrap();
     assert!(again.get("s", a.entry.id).await.unwrap().is_some());
     assert!(again.get("s", b.entry.id).await.unwrap().is_none());
+    // The copy is kept aside, not deleted.
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let displaced: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT id FROM spool_entries_displaced")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(displaced, vec![b.entry.id]);
 }

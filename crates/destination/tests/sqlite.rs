@@ -141,3 +141,69 @@ async fn the_database_file_is_in_wal_journal_mode() {
         .unwrap();
     assert_eq!(mode, "wal");
 }
+
+/// Migration 2 on a file that already holds copies of a key: the first accepted
+/// stays, the copy moves to spool_entries_displaced and out of the full-text index.
+#[tokio::test]
+async fn the_key_migration_keeps_the_first_of_existing_copies() {
+    use spool_destination::{Destination, Query};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spool.db");
+    let d = SqliteDestination::open(
+        "main",
+        &path,
+        None,
+        spool_destination::DEFAULT_SQLITE_TIMEOUT,
+    )
+    .unwrap();
+    d.health().await.unwrap();
+    let url = format!("sqlite://{}", path.display());
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    sqlx::raw_sql("DROP INDEX spool_entries_by_key; DROP TABLE spool_entries_displaced; DELETE FROM spool_schema WHERE version = 2")
+        .execute(&pool)
+        .await
+        .unwrap();
+    // Written in the other order: the later-accepted copy is inserted first.
+    let mut later = logged(2, "s", None, r#"{"t":"zebra"}"#, 2_000);
+    let mut first = logged(1, "s", None, r#"{"t":"aardvark"}"#, 1_000);
+    later.entry.idempotency_key = Some("k".into());
+    first.entry.idempotency_key = Some("k".into());
+    d.write_batch(std::slice::from_ref(&later)).await.unwrap();
+    d.write_batch(std::slice::from_ref(&first)).await.unwrap();
+    d.close().await;
+    let again = SqliteDestination::open(
+        "main",
+        &path,
+        None,
+        spool_destination::DEFAULT_SQLITE_TIMEOUT,
+    )
+    .unwrap();
+    again.health().await.unwrap();
+    assert!(again.get("s", first.entry.id).await.unwrap().is_some());
+    assert!(again.get("s", later.entry.id).await.unwrap().is_none());
+    let displaced: Vec<String> = sqlx::query_scalar("SELECT id FROM spool_entries_displaced")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(displaced, vec![later.entry.id.hyphenated().to_string()]);
+    let search = |w: &str| Query {
+        source: "s".into(),
+        q: Some(w.into()),
+        ..Default::default()
+    };
+    assert_eq!(
+        again
+            .query(&search("aardvark"))
+            .await
+            .unwrap()
+            .entries
+            .len(),
+        1
+    );
+    assert!(again
+        .query(&search("zebra"))
+        .await
+        .unwrap()
+        .entries
+        .is_empty());
+}

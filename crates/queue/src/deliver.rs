@@ -2,8 +2,9 @@
 //! outcome in the WAL, settle receipts.
 //!
 //! The policy follows the error's class (see `DestinationError`):
-//! - **Outage** (`Unavailable`, or an unknown error while the health check
-//!   fails): the breaker opens — the lane is marked down, the worker waits with
+//! - **Outage** (`Unavailable`/`TimedOut`, or an unknown error while the health
+//!   check fails): a timed-out batch of several entries is split first (a smaller
+//!   one may pass in time); otherwise the breaker opens — the lane is marked down, the worker waits with
 //!   backoff and retries the same batch (the write is the probe). No attempt is
 //!   counted, so an outage of any kind never makes a dead letter.
 //! - **Rejected**: the entry named (or, unnamed, found by splitting the batch)
@@ -57,12 +58,15 @@ impl Inner {
         let mut work = vec![(batch, self.backoff())];
         while let Some((mut b, mut retry)) = work.pop() {
             loop {
+                // Past the drain deadline nothing more is tried (and no attempt
+                // is burned): what is left stays pending in the WAL.
                 let res = tokio::select! {
-                    r = lane.dest.write_batch(&b) => r,
+                    biased;
                     _ = self.stop.cancelled() => {
                         self.give_up(lane, &b);
                         break;
                     }
+                    r = lane.dest.write_batch(&b) => r,
                 };
                 let e = match res {
                     Ok(duplicates) => {
@@ -73,6 +77,13 @@ impl Inner {
                     Err(e) => e,
                 };
                 if e.is_outage() {
+                    if e.is_timeout() && b.len() > 1 {
+                        // A smaller batch may get through in time.
+                        let right = b.split_off(b.len() / 2);
+                        work.push((right, retry.clone()));
+                        work.push((b, retry));
+                        break;
+                    }
                     self.outage(lane, &e, &mut probe).await;
                     continue;
                 }
@@ -93,7 +104,7 @@ impl Inner {
                     }
                 }
                 if b.len() > 1 {
-                    if !e.is_rejection() && lane.dest.health().await.is_err() {
+                    if !e.is_rejection() && !self.healthy(lane).await {
                         self.outage(lane, &e, &mut probe).await;
                         continue;
                     }
@@ -109,7 +120,7 @@ impl Inner {
                     break;
                 }
                 // One entry, unknown cause: an outage after all, or an attempt.
-                if lane.dest.health().await.is_err() {
+                if !self.healthy(lane).await {
                     self.outage(lane, &e, &mut probe).await;
                     continue;
                 }
@@ -131,9 +142,19 @@ impl Inner {
         }
     }
 
+    /// Whether the health check passes (false when the drain deadline passes
+    /// first: the caller then gives up at its next step).
+    async fn healthy(&self, lane: &Lane) -> bool {
+        tokio::select! {
+            biased;
+            _ = self.stop.cancelled() => false,
+            r = lane.dest.health() => r.is_ok(),
+        }
+    }
+
     /// The breaker: mark the destination down, wait, let the caller retry.
     async fn outage(&self, lane: &Lane, e: &DestinationError, probe: &mut Backoff) {
-        if lane.set_up(false, Some(e.to_string())) {
+        if lane.set_down(Some(e.to_string())) {
             tracing::warn!(destination = %lane.name, error = %e, "destination unavailable; pausing deliveries and probing");
             self.observer.destination_up(&lane.name, false);
         }
@@ -141,7 +162,7 @@ impl Inner {
     }
 
     pub(crate) fn up(&self, lane: &Lane) {
-        if lane.set_up(true, None) {
+        if lane.set_down(None) {
             tracing::info!(destination = %lane.name, "destination reachable again; resuming deliveries");
             self.observer.destination_up(&lane.name, true);
         }

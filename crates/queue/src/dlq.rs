@@ -41,13 +41,14 @@ where
     F: FnOnce(Vec<u64>) -> Fut,
     Fut: std::future::Future<Output = Result<Vec<u64>, WalError>>,
 {
+    let asked: Option<HashSet<Uuid>> = match which {
+        Select::All => None,
+        Select::Ids(ids) => Some(ids.iter().copied().collect()),
+    };
     let chosen: Vec<DeadLetter> = wal
         .dead_letters(None, usize::MAX)
         .into_iter()
-        .filter(|d| match which {
-            Select::All => true,
-            Select::Ids(ids) => ids.contains(&d.id),
-        })
+        .filter(|d| asked.as_ref().is_none_or(|a| a.contains(&d.id)))
         .collect();
     let done: HashSet<u64> = op(chosen.iter().map(|d| d.lsn).collect())
         .await?
@@ -60,13 +61,12 @@ where
     let not_dead_letters = match which {
         Select::All => Vec::new(),
         Select::Ids(ids) => {
-            let mut v: Vec<Uuid> = ids
-                .iter()
-                .filter(|id| !done.iter().any(|d| d.id == **id))
+            let hit: HashSet<Uuid> = done.iter().map(|d| d.id).collect();
+            let mut seen = HashSet::new();
+            ids.iter()
+                .filter(|id| !hit.contains(id) && seen.insert(**id))
                 .copied()
-                .collect();
-            v.dedup();
-            v
+                .collect()
         }
     };
     Ok(DlqOutcome {

@@ -95,6 +95,8 @@ pub enum EntryStatus {
         /// Why.
         reason: String,
     },
+    /// A dead letter an operator purged: never delivered.
+    Purged,
 }
 
 impl From<Tracked> for EntryStatus {
@@ -226,10 +228,11 @@ impl Engine {
         self.lane(destination)?.dest.query(q).await
     }
 
-    /// Status of an entry the WAL still tracks (pending, or a dead letter);
-    /// `None` once it is delivered (or for an id never accepted).
-    pub fn status(&self, id: Uuid) -> Option<EntryStatus> {
-        self.inner.wal.lookup(id).map(|s| s.status.into())
+    /// Status of the entry at `lsn` while the WAL knows more than "done":
+    /// pending, a dead letter, or purged; `None` once it is delivered (or for an
+    /// LSN never accepted).
+    pub fn status(&self, lsn: u64) -> Option<EntryStatus> {
+        self.inner.status_of(lsn)
     }
 
     /// An entry of `source` by id, wherever it is: pending or dead in the WAL, or
@@ -274,13 +277,14 @@ impl Engine {
             .inner
             .lanes
             .values()
-            .map(|l| LaneStats {
+            .map(|l| (l, l.down_reason()))
+            .map(|(l, down)| LaneStats {
                 destination: l.name.clone(),
                 depth: l.depth(),
                 in_flight: l.used(),
                 capacity: l.capacity,
-                up: l.up.load(Ordering::Relaxed),
-                down_reason: l.down_reason(),
+                up: down.is_none(),
+                down_reason: down,
             })
             .collect();
         v.sort_by(|a, b| a.destination.cmp(&b.destination));
@@ -403,6 +407,14 @@ impl Engine {
 }
 
 impl Inner {
+    pub(crate) fn status_of(&self, lsn: u64) -> Option<EntryStatus> {
+        match self.wal.status_of(lsn) {
+            Some(t) => Some(t.into()),
+            None if self.wal.is_purged(lsn) => Some(EntryStatus::Purged),
+            None => None,
+        }
+    }
+
     async fn drain(self: Arc<Self>, timeout: Duration) -> ShutdownReport {
         let deadline = tokio::time::Instant::now() + timeout;
         self.closed.store(true, Ordering::SeqCst);
@@ -410,7 +422,9 @@ impl Inner {
         let _ = tokio::time::timeout_at(deadline, self.ingests.wait()).await;
         self.stop_background.cancel();
         self.background.close();
-        self.background.wait().await;
+        // Bounded too: a feeder mid-read or the key index mid-flush must not
+        // hold the workers' deadline hostage.
+        let _ = tokio::time::timeout_at(deadline, self.background.wait()).await;
         for lane in self.lanes.values() {
             lane.close();
         }

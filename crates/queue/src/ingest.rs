@@ -4,12 +4,16 @@
 use crate::engine::Inner;
 use crate::keys::Claim;
 use crate::lane::Lane;
+use crate::EntryStatus;
 use crate::{Accepted, IngestError, Outcome, Receipt};
-use spool_wal::{Entry, LoggedEntry, Tracked};
+use spool_wal::{Entry, LoggedEntry};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::sync::oneshot;
+
+/// The failure reason a replay of a purged entry reports.
+pub const PURGED: &str = "purged by an operator (a dead letter discarded; never delivered)";
 
 /// How one entry of an ingest call is answered.
 enum Plan {
@@ -201,10 +205,15 @@ impl Inner {
                 // Under the waiters lock: workers record an outcome in the WAL
                 // before they settle, so "pending" here means it settles later.
                 let now = if a.replayed {
-                    match self.wal.status_of(a.lsn) {
-                        Some(Tracked::Pending) => None,
-                        Some(Tracked::Dead { reason, .. }) => Some(Outcome::Failed { reason }),
-                        None => Some(Outcome::Delivered),
+                    match self.status_of(a.lsn) {
+                        Some(EntryStatus::Pending) => None,
+                        Some(EntryStatus::Failed { reason, .. }) => {
+                            Some(Outcome::Failed { reason })
+                        }
+                        Some(EntryStatus::Purged) => Some(Outcome::Failed {
+                            reason: PURGED.into(),
+                        }),
+                        Some(EntryStatus::Delivered { .. }) | None => Some(Outcome::Delivered),
                     }
                 } else {
                     None

@@ -11,7 +11,7 @@
 use spool_destination::Destination;
 use spool_wal::LoggedEntry;
 use std::collections::{BTreeSet, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
@@ -26,9 +26,8 @@ pub(crate) struct Lane {
     pub work: Notify,
     /// Capacity was released, or requeued entries await feeding.
     pub space: Notify,
-    pub up: AtomicBool,
-    /// Why the destination is down (the last outage error), while it is.
-    down_reason: Mutex<Option<String>>,
+    /// Why the destination is down (the last outage error); `None` while up.
+    down: Mutex<Option<String>>,
     rate: Mutex<Rate>,
 }
 
@@ -60,8 +59,7 @@ impl Lane {
             state: Mutex::new(LaneState::default()),
             work: Notify::new(),
             space: Notify::new(),
-            up: AtomicBool::new(true),
-            down_reason: Mutex::new(None),
+            down: Mutex::new(None),
             rate: Mutex::new(Rate {
                 since: Instant::now(),
                 count: 0,
@@ -219,18 +217,18 @@ impl Lane {
         self.st().requeued.extend(lsns);
     }
 
-    /// Mark the destination down (with why) or up. Answers whether it changed.
-    pub fn set_up(&self, up: bool, reason: Option<String>) -> bool {
-        *self.down_reason.lock().unwrap_or_else(|p| p.into_inner()) = reason;
-        self.up.swap(up, Ordering::AcqRel) != up
+    /// Mark the destination down with why (`Some`) or up (`None`). Answers
+    /// whether up/down changed.
+    pub fn set_down(&self, reason: Option<String>) -> bool {
+        let mut d = self.down.lock().unwrap_or_else(|p| p.into_inner());
+        let changed = d.is_some() != reason.is_some();
+        *d = reason;
+        changed
     }
 
-    /// Why the destination is down, while it is.
+    /// Why the destination is down; `None` while it is up.
     pub fn down_reason(&self) -> Option<String> {
-        self.down_reason
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.down.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Up to `n` requeued LSNs to feed, removed from the set.

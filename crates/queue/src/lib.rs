@@ -64,6 +64,7 @@ mod tasks;
 pub use backoff::{delay as backoff_delay, jittered};
 pub use dlq::{DlqOutcome, Select};
 pub use engine::{Check, Engine, EntryStatus, Found, LaneStats, ShutdownReport};
+pub use ingest::PURGED;
 pub use spool_wal::{DeadLetter, Entry, LoggedEntry, RecoveryReport, RetentionReport, WalStatus};
 
 use std::time::Duration;

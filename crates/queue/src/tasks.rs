@@ -32,6 +32,8 @@ impl Inner {
             if free > 0 {
                 let requeued = lane.take_requeued(free);
                 let from_requeue = !requeued.is_empty();
+                // Given back if the read fails: never dropped.
+                let taken = requeued.clone();
                 let (wal, name) = (self.wal.clone(), lane.name.clone());
                 let read = if from_requeue {
                     tokio::task::spawn_blocking(move || {
@@ -75,10 +77,16 @@ impl Inner {
                         }
                     }
                     Ok(Err(e)) => {
-                        tracing::error!(destination = %lane.name, error = %e, "feeder could not read the WAL")
+                        tracing::error!(destination = %lane.name, error = %e, "feeder could not read the WAL");
+                        if from_requeue {
+                            lane.return_requeued(taken);
+                        }
                     }
                     Err(e) => {
-                        tracing::error!(destination = %lane.name, error = %e, "feeder task failed")
+                        tracing::error!(destination = %lane.name, error = %e, "feeder task failed");
+                        if from_requeue {
+                            lane.return_requeued(taken);
+                        }
                     }
                 }
             }
@@ -112,8 +120,14 @@ impl Inner {
                     return;
                 }
                 Err(e) => {
-                    if lane.set_up(false, Some(e.to_string())) {
-                        tracing::warn!(destination = %lane.name, error = %e, "destination unavailable at start; accepting writes and probing");
+                    if lane.set_down(Some(e.to_string())) {
+                        if e.is_transient() {
+                            tracing::warn!(destination = %lane.name, error = %e, "destination unavailable at start; accepting writes and probing");
+                        } else {
+                            // Not an outage that passes by itself (a schema newer
+                            // than this build): an operator must act.
+                            tracing::error!(destination = %lane.name, error = %e, "destination cannot be used; accepting writes into the WAL and probing");
+                        }
                         self.observer.destination_up(&lane.name, false);
                     }
                 }

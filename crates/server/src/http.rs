@@ -767,7 +767,7 @@ async fn write(
             .iter()
             .map(|a| {
                 let (status, reason) = if a.replayed {
-                    current_status(&app.engine, a.id)
+                    current_status(&app.engine, a.lsn)
                 } else {
                     ("durable", None)
                 };
@@ -789,12 +789,13 @@ async fn write(
     Ok(resp)
 }
 
-/// Status of an accepted entry: tracked by the WAL (pending, dead) or delivered.
-fn current_status(engine: &Engine, id: Uuid) -> (&'static str, Option<String>) {
-    match engine.status(id) {
+/// Status of an accepted entry: tracked by the WAL (pending, dead, purged) or delivered.
+fn current_status(engine: &Engine, lsn: u64) -> (&'static str, Option<String>) {
+    match engine.status(lsn) {
         Some(EntryStatus::Failed { reason, .. }) => ("failed", Some(reason)),
-        Some(_) => ("durable", None),
-        None => ("delivered", None),
+        Some(EntryStatus::Purged) => ("failed", Some(spool_queue::PURGED.to_owned())),
+        Some(EntryStatus::Pending) => ("durable", None),
+        Some(EntryStatus::Delivered { .. }) | None => ("delivered", None),
     }
 }
 
@@ -910,6 +911,8 @@ async fn get_one(
             out["status"] = json!("delivered");
             out["delivered_at"] = json!(rfc3339(delivered_at_us));
         }
+        // `get` finds a purged entry in neither place.
+        EntryStatus::Purged => return Err(missing()),
     }
     Ok(Json(out).into_response())
 }

@@ -15,6 +15,8 @@ pub struct Faulty {
     pub rows: Mutex<HashMap<Uuid, LoggedEntry>>,
     /// Times (tokio clock) of each write attempt.
     pub attempts: Mutex<Vec<tokio::time::Instant>>,
+    /// LSNs of every write attempt, in order.
+    pub written: Mutex<Vec<u64>>,
     /// Failures of unknown cause still to serve (health stays OK).
     pub fail_next: AtomicU32,
     /// Fail every write with an error of unknown cause (health stays OK).
@@ -35,6 +37,7 @@ impl Faulty {
             name: name.into(),
             rows: Mutex::default(),
             attempts: Mutex::default(),
+            written: Mutex::default(),
             fail_next: AtomicU32::new(0),
             fail_always: AtomicBool::new(false),
             down: AtomicBool::new(false),
@@ -74,6 +77,10 @@ impl Destination for Faulty {
             .lock()
             .unwrap()
             .push(tokio::time::Instant::now());
+        self.written
+            .lock()
+            .unwrap()
+            .extend(batch.iter().map(|e| e.lsn));
         if self.hang.load(Ordering::SeqCst) {
             std::future::pending::<()>().await;
         }
