@@ -97,8 +97,8 @@ where
     let ids: Vec<_> = r.accepted.iter().map(|a| a.id).collect();
     until(
         Duration::from_secs(30),
-        "three failed write attempts",
-        || counting.writes.load(Ordering::SeqCst) >= 3,
+        "three failed write attempts and the outage reported",
+        || counting.writes.load(Ordering::SeqCst) >= 3 && !engine.lanes()[0].up,
     )
     .await;
     assert!(
