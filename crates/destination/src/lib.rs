@@ -30,12 +30,14 @@ mod error;
 mod postgres;
 mod query;
 mod sqlite;
+mod validate;
 
 pub use error::DestinationError;
 pub use postgres::PostgresDestination;
 pub use query::{Query, DEFAULT_LIMIT, MAX_LIMIT};
 pub use spool_wal::{Entry, LoggedEntry};
 pub use sqlite::SqliteDestination;
+pub use validate::{check_payload, check_text, Field, InvalidEntry, PayloadFields};
 
 use async_trait::async_trait;
 use std::sync::Arc;
@@ -173,47 +175,23 @@ pub fn open(cfg: &DestinationConfig) -> Result<Arc<dyn Destination>> {
 }
 
 /// Check each entry before writing, so a poison entry is named by its index
-/// instead of failing the whole batch. `strict_text` adds Postgres' rules (no NUL
-/// in text, no `\u0000` in `jsonb`).
-pub(crate) fn screen(name: &str, batch: &[LoggedEntry], strict_text: bool) -> Result<()> {
+/// instead of failing the whole batch ([`check_payload`]: one streaming pass,
+/// no `serde_json::Value`). `no_nul` adds Postgres' rule (no NUL in text).
+pub(crate) fn screen(name: &str, batch: &[LoggedEntry], no_nul: bool) -> Result<()> {
     for (i, le) in batch.iter().enumerate() {
         let e = &le.entry;
-        let reject = |reason: String| DestinationError::Rejected {
-            destination: name.to_owned(),
-            index: Some(i),
-            reason,
-        };
-        let value: serde_json::Value = serde_json::from_slice(&e.payload)
-            .map_err(|err| reject(format!("payload is not valid JSON: {err}")))?;
-        if !value.is_object() {
-            return Err(reject("payload is not a JSON object".into()));
-        }
-        if strict_text {
-            let texts = [
-                Some(&e.source),
-                e.subject.as_ref(),
-                e.idempotency_key.as_ref(),
-            ];
-            if texts.iter().flatten().any(|s| s.contains('\0')) {
-                return Err(reject("text field contains a NUL character".into()));
-            }
-            if e.payload.windows(6).any(|w| w == b"\\u0000") && has_nul(&value) {
-                return Err(reject(
-                    "payload contains a NUL character (\\u0000), which jsonb cannot store".into(),
-                ));
-            }
-        }
+        check_payload(&e.payload, no_nul)
+            .map(drop)
+            .and_then(|()| check_text("source", Some(&e.source), no_nul))
+            .and_then(|()| check_text("subject", e.subject.as_deref(), no_nul))
+            .and_then(|()| check_text("idempotency_key", e.idempotency_key.as_deref(), no_nul))
+            .map_err(|invalid| DestinationError::Rejected {
+                destination: name.to_owned(),
+                index: Some(i),
+                reason: invalid.to_string(),
+            })?;
     }
     Ok(())
-}
-
-fn has_nul(v: &serde_json::Value) -> bool {
-    match v {
-        serde_json::Value::String(s) => s.contains('\0'),
-        serde_json::Value::Array(a) => a.iter().any(has_nul),
-        serde_json::Value::Object(o) => o.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
-        _ => false,
-    }
 }
 
 /// The cursor continuing after the last entry of a full page.

@@ -14,81 +14,118 @@ use std::time::Duration;
 #[error("{0}")]
 pub struct ConfigError(pub String);
 
+/// The whole `spool.toml` (every key has a default; docs/operations.md).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    /// `[server]`.
     pub server: ServerConfig,
+    /// `[wal]`.
     pub wal: WalSection,
+    /// `[queue]`.
     pub queue: QueueSection,
+    /// `[limits]`.
     pub limits: Limits,
+    /// `[idempotency]`.
     pub idempotency: Idempotency,
+    /// `[[destination]]` tables.
     #[serde(rename = "destination")]
     pub destinations: Vec<DestinationConfig>,
+    /// `[[source]]` tables.
     #[serde(rename = "source")]
     pub sources: Vec<SourceConfig>,
 }
 
+/// `[server]`: the listener and request limits.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
+    /// Address to serve HTTP on.
     pub listen: SocketAddr,
+    /// Bearer token of `/v1/admin/*` (none: open on loopback only).
     pub admin_token: Option<String>,
+    /// Largest request body, before and after gzip.
     #[serde(deserialize_with = "size")]
     pub max_body_bytes: u64,
+    /// How long in-flight requests and the drain may take at SIGTERM.
     #[serde(deserialize_with = "duration")]
     pub shutdown_timeout: Duration,
 }
 
+/// `[wal]`: where and how the write-ahead log is kept.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WalSection {
+    /// WAL directory.
     pub dir: PathBuf,
+    /// Segment size before rotation.
     #[serde(deserialize_with = "size")]
     pub segment_bytes: u64,
+    /// `always` | `interval:D` | `never`.
     pub sync: String,
+    /// Delivered history kept for replay.
     #[serde(deserialize_with = "duration")]
     pub retention: Duration,
+    /// Quota: history gives way past it (never pending entries).
     #[serde(deserialize_with = "opt_size")]
     pub max_bytes: Option<u64>,
+    /// Writes are refused (503) below this much free disk.
     #[serde(deserialize_with = "size")]
     pub min_free_bytes: u64,
+    /// `stop` | `skip`.
     pub on_corruption: String,
 }
 
+/// `[queue]`: per-destination queues and delivery.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QueueSection {
+    /// Entries each destination's queue holds.
     pub capacity: usize,
+    /// Worker tasks per destination.
     pub workers: usize,
+    /// Most entries per destination write.
     pub batch_max: usize,
+    /// Longest wait to fill a batch.
     #[serde(deserialize_with = "duration")]
     pub batch_linger: Duration,
+    /// Attempts before a dead letter (errors an entry causes only).
     pub max_attempts: u32,
+    /// First retry delay ceiling.
     #[serde(deserialize_with = "duration")]
     pub backoff_initial: Duration,
+    /// Largest retry delay ceiling.
     #[serde(deserialize_with = "duration")]
     pub backoff_max: Duration,
 }
 
+/// `[limits]`: per-entry and per-request bounds.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
+    /// Largest entry (its JSON text).
     #[serde(deserialize_with = "size")]
     pub max_entry_bytes: u64,
+    /// Most entries in one request.
     pub max_entries_per_request: usize,
 }
 
+/// `[idempotency]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Idempotency {
+    /// How long a node remembers an idempotency key.
     #[serde(deserialize_with = "duration")]
     pub window: Duration,
 }
 
+/// A `[[source]]`: a named producer stream.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
+    /// Name (in URLs).
     pub name: String,
+    /// Bearer token (none: tokenless, loopback only).
     #[serde(default)]
     pub token: Option<String>,
     /// Defaults to the first destination.
@@ -399,6 +436,7 @@ impl Config {
         Ok(())
     }
 
+    /// `wal.sync` parsed.
     pub fn sync_mode(&self) -> Result<SyncMode, ConfigError> {
         self.wal
             .sync
@@ -406,6 +444,7 @@ impl Config {
             .map_err(|e| ConfigError(format!("wal.sync: {e}")))
     }
 
+    /// `wal.on_corruption` parsed.
     pub fn on_corruption(&self) -> Result<OnCorruption, ConfigError> {
         self.wal
             .on_corruption
@@ -413,6 +452,7 @@ impl Config {
             .map_err(|e| ConfigError(format!("wal.on_corruption: {e}")))
     }
 
+    /// The WAL's configuration.
     pub fn wal_config(&self) -> Result<spool_wal::WalConfig, ConfigError> {
         Ok(spool_wal::WalConfig {
             segment_bytes: self.wal.segment_bytes,
@@ -424,6 +464,7 @@ impl Config {
         })
     }
 
+    /// The engine's configuration.
     pub fn engine_config(&self) -> spool_queue::EngineConfig {
         let q = &self.queue;
         spool_queue::EngineConfig {

@@ -12,9 +12,6 @@
 //! - Shutdown (SIGTERM/SIGINT) drains once: new requests get 503, in-flight ones
 //!   finish, the engine drains within `server.shutdown_timeout`, exit 0.
 
-mod config;
-mod http;
-mod metrics;
 mod ops;
 
 use anyhow::{Context, Result};
@@ -25,7 +22,8 @@ use anyhow::{Context, Result};
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use config::{Config, ConfigError};
+use spool_server::config::{Config, ConfigError};
+use spool_server::http;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
@@ -294,31 +292,13 @@ fn serve(cfg: Config) -> Result<ExitCode> {
 
 async fn serve_async(cfg: Config) -> Result<ExitCode> {
     let started = Instant::now();
-    let metrics = Arc::new(metrics::Metrics::default());
-    std::fs::create_dir_all(&cfg.wal.dir)
-        .with_context(|| format!("creating {}", cfg.wal.dir.display()))?;
-    let hooks = spool_wal::WalHooks {
-        observer: metrics.clone(),
-        ..Default::default()
-    };
-    let wal = spool_wal::Wal::open_with(&cfg.wal.dir, cfg.wal_config()?, hooks)
-        .with_context(|| format!("opening the WAL in {}", cfg.wal.dir.display()))?;
-    // Configuration only: a destination that is down at boot is probed by the
-    // engine (reported on /readyz) while writes are accepted.
-    let dests = cfg
-        .destinations
-        .iter()
-        .map(|d| spool_destination::open(d).with_context(|| format!("destination {:?}", d.name)))
-        .collect::<Result<Vec<_>>>()?;
-    let engine =
-        spool_queue::Engine::start_with_observer(wal, dests, cfg.engine_config(), metrics.clone())
-            .context("starting the delivery engine")?;
     let listener = tokio::net::TcpListener::bind(cfg.server.listen)
         .await
         .with_context(|| format!("binding {}", cfg.server.listen))?;
     let addr = listener.local_addr()?;
     let shutdown_timeout = cfg.server.shutdown_timeout;
-    let app = Arc::new(http::App::new(engine.clone(), cfg, metrics));
+    let app = spool_server::wire(cfg)?;
+    let engine = app.engine.clone();
     tracing::info!(listen = %addr, startup_ms = started.elapsed().as_millis() as u64, "spool serving");
 
     let stop = Arc::new(tokio::sync::Notify::new());

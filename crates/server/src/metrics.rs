@@ -11,25 +11,25 @@ use spool_queue::Engine;
 use std::time::Duration;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct SourceL {
-    pub source: String,
+struct SourceL {
+    source: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct DestL {
-    pub destination: String,
+struct DestL {
+    destination: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct FailedL {
-    pub destination: String,
-    pub reason: String,
+struct FailedL {
+    destination: String,
+    reason: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct HttpL {
-    pub route: String,
-    pub code: String,
+struct HttpL {
+    route: String,
+    code: String,
 }
 
 fn latency_histogram() -> Histogram {
@@ -41,6 +41,8 @@ fn group_histogram() -> Histogram {
     Histogram::new(exponential_buckets(1.0, 2.0, 14))
 }
 
+/// spool's Prometheus registry: the engine's and the WAL's observer, and the
+/// HTTP layer's request counter.
 pub struct Metrics {
     registry: Registry,
     accepted: Family<SourceL, Counter>,
@@ -58,7 +60,7 @@ pub struct Metrics {
     wal_pending: Gauge,
     wal_fsync: Histogram,
     wal_group: Histogram,
-    pub http: Family<HttpL, Counter>,
+    http: Family<HttpL, Counter>,
     /// Entries lost to corruption skipped at recovery (on_corruption = "skip").
     wal_lost: Gauge,
     wal_skipped: Gauge,
@@ -215,6 +217,7 @@ impl Metrics {
         out
     }
 
+    /// One HTTP request answered.
     pub fn http_request(&self, route: &str, code: u16) {
         self.http
             .get_or_create(&HttpL {

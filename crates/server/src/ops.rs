@@ -1,10 +1,10 @@
 //! Offline operator tools: `wal verify|inspect|stats`, `replay`, `dlq list|requeue|purge`.
 //! Each takes the WAL directory's lock (refusing a directory a server holds).
 
-use crate::config::Config;
 use crate::Failure;
 use anyhow::Context;
 use serde_json::json;
+use spool_server::config::Config;
 use spool_wal::{Record, Tracked, Wal, WalError};
 use std::io::IsTerminal;
 use std::path::Path;

@@ -1,0 +1,239 @@
+//! `POST /v1/{source}/entries`.
+
+use super::*;
+
+#[derive(Serialize)]
+pub(crate) struct EntryAnswer {
+    id: Uuid,
+    lsn: u64,
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+}
+
+pub(crate) fn query_params(
+    q: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<HashMap<String, String>> {
+    q.map(|Query(m)| m)
+        .map_err(|e| ApiError::bad("invalid_request", format!("bad query string: {e}")))
+}
+
+pub(crate) async fn write(
+    State(app): State<Arc<App>>,
+    Path(source): Path<String>,
+    q: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let src = app.source(&source)?;
+    app.authorize(src, &headers)?;
+    let params = query_params(q)?;
+    let wait_delivered = match params.get("wait").map(String::as_str) {
+        None | Some("durable") => false,
+        Some("delivered") => true,
+        Some(w) => {
+            return Err(ApiError::bad(
+                "invalid_request",
+                format!("wait must be durable or delivered, got {w:?}"),
+            ))
+        }
+    };
+    let timeout = match params.get("timeout_ms") {
+        None => Duration::from_millis(5000),
+        Some(t) => Duration::from_millis(
+            t.parse::<u64>()
+                .map_err(|_| {
+                    ApiError::bad(
+                        "invalid_request",
+                        format!("timeout_ms must be a number of milliseconds, got {t:?}"),
+                    )
+                })?
+                .min(60_000),
+        ),
+    };
+    let ndjson = match headers
+        .get(header::CONTENT_TYPE)
+        .map(|v| v.to_str().unwrap_or("?"))
+    {
+        None => false,
+        Some(ct) => {
+            let mime = ct
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
+            match mime.as_str() {
+                "application/json" => false,
+                "application/x-ndjson" | "application/ndjson" | "application/jsonl" => true,
+                _ => {
+                    return Err(ApiError::new(
+                        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                        "unsupported_media_type",
+                        format!("Content-Type {ct:?} is not supported (use application/json or application/x-ndjson)"),
+                    ))
+                }
+            }
+        }
+    };
+    let body = read_body(&headers, body, app.cfg.server.max_body_bytes).await?;
+    let limits = &app.cfg.limits;
+    let raws = split_entries(&body, ndjson, limits.max_entries_per_request)?;
+    if raws.is_empty() {
+        return Err(ApiError::bad(
+            "invalid_entry",
+            "the request holds no entries",
+        ));
+    }
+    let header_key = headers
+        .get("idempotency-key")
+        .map(|v| {
+            v.to_str().map(str::to_owned).map_err(|_| {
+                ApiError::bad("invalid_request", "Idempotency-Key must be visible ASCII")
+            })
+        })
+        .transpose()?;
+    if header_key.is_some() && raws.len() != 1 {
+        return Err(ApiError::bad(
+            "invalid_request",
+            "the Idempotency-Key header is for one-entry requests; put `idempotency_key` in each entry",
+        ));
+    }
+    if header_key
+        .as_ref()
+        .is_some_and(|k| k.is_empty() || k.len() > MAX_FIELD_BYTES)
+    {
+        return Err(ApiError::bad(
+            "invalid_request",
+            format!("Idempotency-Key must be 1-{MAX_FIELD_BYTES} bytes"),
+        ));
+    }
+    let now = spool_wal::now_us();
+    let mut entries = Vec::with_capacity(raws.len());
+    for (raw, at) in raws {
+        let text = raw.get();
+        if text.len() as u64 > limits.max_entry_bytes {
+            return Err(ApiError::too_large(format!(
+                "{at} is {} bytes; limits.max_entry_bytes is {}",
+                text.len(),
+                limits.max_entry_bytes
+            )));
+        }
+        if !text.starts_with('{') {
+            return Err(ApiError::bad(
+                "invalid_entry",
+                format!("{at}: an entry must be a JSON object"),
+            ));
+        }
+        // One pass: what the destination can store (nothing answered 202 can
+        // become a dead letter for its content), and the fields we read.
+        let invalid = |e: spool_destination::InvalidEntry| {
+            ApiError::bad("invalid_entry", format!("{at}: {e}"))
+        };
+        let fields =
+            spool_destination::check_payload(text.as_bytes(), src.no_nul).map_err(invalid)?;
+        let subject = string_field(fields.subject, "subject", &at)?;
+        let key =
+            string_field(fields.idempotency_key, "idempotency_key", &at)?.or(header_key.clone());
+        if key.as_deref() == Some("") {
+            return Err(ApiError::bad(
+                "invalid_entry",
+                format!("{at}: `idempotency_key` must not be empty"),
+            ));
+        }
+        spool_destination::check_text("subject", subject.as_deref(), src.no_nul)
+            .and_then(|()| {
+                spool_destination::check_text("idempotency_key", key.as_deref(), src.no_nul)
+            })
+            .map_err(invalid)?;
+        entries.push(Entry {
+            id: Uuid::now_v7(),
+            source: source.clone(),
+            destination: src.destination.clone(),
+            subject,
+            idempotency_key: key,
+            accepted_at_us: now,
+            payload: text.as_bytes().to_vec(),
+        });
+    }
+    if let Some(l) = &src.limiter {
+        l.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take(entries.len())
+            .map_err(|secs| {
+                spool_queue::EngineObserver::shed(&*app.metrics, &source, entries.len() as u64);
+                ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    format!("source {source:?} is over its rate_limit"),
+                )
+                .retry(secs)
+            })?;
+    }
+    let receipt = app.engine.ingest(entries, wait_delivered).await?;
+    let replayed = receipt.any_replayed();
+    let accepted = receipt.accepted.clone();
+    let (status, answers) = if wait_delivered {
+        let outcomes = receipt.wait(timeout).await;
+        let done = outcomes.iter().all(|o| *o != Outcome::Pending);
+        let answers = accepted
+            .iter()
+            .zip(outcomes)
+            .map(|(a, o)| {
+                let (status, reason) = match o {
+                    Outcome::Delivered => ("delivered", None),
+                    Outcome::Failed { reason } => ("failed", Some(reason)),
+                    Outcome::Pending => ("durable", None),
+                };
+                EntryAnswer {
+                    id: a.id,
+                    lsn: a.lsn,
+                    status,
+                    reason,
+                }
+            })
+            .collect::<Vec<_>>();
+        (
+            if done {
+                StatusCode::OK
+            } else {
+                StatusCode::ACCEPTED
+            },
+            answers,
+        )
+    } else {
+        let answers = accepted
+            .iter()
+            .map(|a| {
+                let (status, reason) = if a.replayed {
+                    current_status(&app.engine, a.lsn)
+                } else {
+                    ("durable", None)
+                };
+                EntryAnswer {
+                    id: a.id,
+                    lsn: a.lsn,
+                    status,
+                    reason,
+                }
+            })
+            .collect();
+        (StatusCode::ACCEPTED, answers)
+    };
+    let mut resp = (status, Json(json!({ "entries": answers }))).into_response();
+    if replayed {
+        resp.headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok(resp)
+}
+
+/// Status of an accepted entry: tracked by the WAL (pending, dead, purged) or delivered.
+pub(crate) fn current_status(engine: &Engine, lsn: u64) -> (&'static str, Option<String>) {
+    match engine.status(lsn) {
+        Some(EntryStatus::Failed { reason, .. }) => ("failed", Some(reason)),
+        Some(EntryStatus::Purged) => ("failed", Some(spool_queue::PURGED.to_owned())),
+        Some(EntryStatus::Pending) => ("durable", None),
+        Some(EntryStatus::Delivered { .. }) | None => ("delivered", None),
+    }
+}

@@ -1,0 +1,161 @@
+//! The HTTP door in process (`tower::ServiceExt::oneshot` on the router, a real
+//! engine, real SQLite and Postgres): what is answered 202 can be delivered.
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use serde_json::Value;
+use spool_server::config::Config;
+use spool_testkit::PgServer;
+
+use std::sync::Arc;
+use tower::ServiceExt;
+
+struct Door {
+    app: Arc<spool_server::http::App>,
+    router: axum::Router,
+    _dir: tempfile::TempDir,
+}
+
+impl Door {
+    /// A server on the embedded SQLite default, or on Postgres at `pg`.
+    fn start(pg: Option<&str>) -> Door {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = dir.path().join("wal");
+        let dest = match pg {
+            Some(url) => {
+                format!("[[destination]]\nname = \"main\"\nkind = \"postgres\"\nurl = \"{url}\"\n")
+            }
+            None => String::new(),
+        };
+        let cfg = Config::parse(&format!(
+            "[wal]\ndir = \"{}\"\nmin_free_bytes = 0\n{dest}",
+            wal.display()
+        ))
+        .unwrap();
+        let app = spool_server::wire(cfg).unwrap();
+        let router = spool_server::http::router(app.clone());
+        Door {
+            app,
+            router,
+            _dir: dir,
+        }
+    }
+
+    async fn send(&self, req: Request<Body>) -> (StatusCode, Value) {
+        let resp = self.router.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    async fn post(&self, path: &str, body: impl Into<Body>) -> (StatusCode, Value) {
+        let req = Request::post(path)
+            .header("content-type", "application/json")
+            .body(body.into())
+            .unwrap();
+        self.send(req).await
+    }
+
+    fn last_lsn(&self) -> u64 {
+        self.app.engine.wal_status().visible_lsn
+    }
+}
+
+/// Entries no destination can store (or, `pg_only`, Postgres cannot): each is
+/// refused with 400 `invalid_entry` naming the entry and the field; the whole
+/// request is refused and nothing is written. Before (cbb1775) each was answered
+/// 202 and became a dead letter at delivery.
+const HOSTILE: &[(&str, &str, bool)] = &[
+    (r#"{"text":"\ud800"}"#, "payload", false),
+    (r#"{"text":"ok","n":1e400}"#, "payload", false),
+    (r#"{"text":"nul \u0000 inside"}"#, "payload", true),
+    (r#"{"k\u0000":1}"#, "payload", true),
+    (r#"{"text":"x","subject":"a\u0000b"}"#, "payload", true),
+    (
+        r#"{"text":"x","idempotency_key":"k\u0000"}"#,
+        "payload",
+        true,
+    ),
+];
+
+async fn hostile_entries(door: &Door, postgres: bool) {
+    for (bad, field, pg_only) in HOSTILE {
+        let before = door.last_lsn();
+        let body = format!(r#"[{{"text":"fine"}},{bad}]"#);
+        let (status, v) = door.post("/v1/default/entries?wait=delivered", body).await;
+        if *pg_only && !postgres {
+            // SQLite stores it: then it must really be delivered.
+            assert_eq!(status, StatusCode::OK, "{bad}: {v}");
+            for e in v["entries"].as_array().unwrap() {
+                assert_eq!(e["status"], "delivered", "{bad}: {v}");
+            }
+            continue;
+        }
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {v}");
+        assert_eq!(v["error"], "invalid_entry", "{bad}: {v}");
+        let msg = v["message"].as_str().unwrap();
+        assert!(
+            msg.contains("entry 1") && msg.contains(field),
+            "{bad}: {msg}"
+        );
+        assert_eq!(door.last_lsn(), before, "{bad}: something was written");
+    }
+    assert!(door.app.engine.dead_letters(None, 10).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_entries_are_refused_at_the_door_sqlite() {
+    hostile_entries(&Door::start(None), false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_entries_are_refused_at_the_door_postgres() {
+    let url = PgServer::shared().fresh_database();
+    hostile_entries(&Door::start(Some(&url)), true).await;
+}
+
+fn gz(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+async fn post_gzip(door: &Door, body: Vec<u8>) -> (StatusCode, Value) {
+    let req = Request::post("/v1/default/entries")
+        .header("content-type", "application/x-ndjson")
+        .header("content-encoding", "gzip")
+        .body(Body::from(body))
+        .unwrap();
+    door.send(req).await
+}
+
+/// `cat a.gz b.gz` is valid gzip: every member's entries are stored. Before,
+/// the second member was dropped and the answer was still 202.
+#[tokio::test]
+async fn a_multi_member_gzip_body_stores_every_entry() {
+    let door = Door::start(None);
+    let mut body = gz(b"{\"n\":1}\n{\"n\":2}\n");
+    body.extend(gz(b"{\"n\":3}\n"));
+    let (status, v) = post_gzip(&door, body).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{v}");
+    assert_eq!(v["entries"].as_array().unwrap().len(), 3);
+}
+
+/// Garbage after the gzip member: 400 and nothing written (before: 202 with the
+/// first member's entries).
+#[tokio::test]
+async fn trailing_garbage_after_gzip_is_refused_and_nothing_written() {
+    let door = Door::start(None);
+    let mut body = gz(b"{\"n\":1}\n");
+    body.extend(b"\x00\x01garbage");
+    let before = door.last_lsn();
+    let (status, v) = post_gzip(&door, body).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(door.last_lsn(), before);
+}
