@@ -77,6 +77,12 @@ fn read_status(c: &mut TcpStream) -> u16 {
 
 fn post(s: &Server, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
     let mut r = ureq::post(&s.url(path)).set("Authorization", "Bearer agents-secret");
+    if !headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+    {
+        r = r.set("Content-Type", "application/json");
+    }
     for (k, v) in headers {
         r = r.set(k, v);
     }
@@ -311,7 +317,7 @@ fn a_token_opens_only_its_own_source_and_admin_needs_the_admin_token() {
     };
     let w = s.url("/v1/robots/entries");
     let mine = call(
-        as_(Some("robots-secret"), ureq::post(&w)),
+        as_(Some("robots-secret"), ureq::post(&w)).set("Content-Type", "application/json"),
         Some(br#"{"text":"s3cr3t-payload","subject":"s3cr3t-subject"}"#),
     );
     assert_eq!(mine.status, 202);

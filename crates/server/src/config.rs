@@ -50,6 +50,20 @@ pub struct ServerConfig {
     /// How long in-flight requests and the drain may take at SIGTERM.
     #[serde(deserialize_with = "duration")]
     pub shutdown_timeout: Duration,
+    /// More `Host` names (or `host:port`) accepted while a tokenless source or
+    /// an open admin API exists (besides the listen address and, on loopback,
+    /// `localhost`).
+    pub allowed_hosts: Vec<String>,
+    /// Open connections at most; more wait in the kernel's accept queue.
+    pub max_connections: usize,
+    /// Requests being handled at most; more are answered 503 `overloaded`.
+    pub max_in_flight: usize,
+    /// Longest a client may take to send its request headers.
+    #[serde(deserialize_with = "duration")]
+    pub header_timeout: Duration,
+    /// Longest a client may take to send a request body.
+    #[serde(deserialize_with = "duration")]
+    pub body_timeout: Duration,
 }
 
 /// `[wal]`: where and how the write-ahead log is kept.
@@ -143,6 +157,11 @@ impl Default for ServerConfig {
             admin_token: None,
             max_body_bytes: 10 << 20,
             shutdown_timeout: Duration::from_secs(30),
+            allowed_hosts: Vec::new(),
+            max_connections: 4096,
+            max_in_flight: 1024,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -303,8 +322,17 @@ impl Config {
         resolve_env(&mut v, "")?;
         // Via text again so errors carry the key's position and name.
         let text = toml::to_string(&v).map_err(|e| ConfigError(e.to_string()))?;
-        let cfg: Config =
+        let mut cfg: Config =
             toml::from_str(&text).map_err(|e| ConfigError(e.to_string().trim().to_owned()))?;
+        // Unless set, a request may carry at most what a queue holds.
+        let explicit = v
+            .get("limits")
+            .and_then(|l| l.get("max_entries_per_request"))
+            .is_some();
+        if !explicit {
+            cfg.limits.max_entries_per_request =
+                cfg.limits.max_entries_per_request.min(cfg.queue.capacity);
+        }
         let cfg = cfg.completed();
         cfg.check()?;
         Ok(cfg)
@@ -374,6 +402,29 @@ impl Config {
         }
         if self.server.max_body_bytes == 0 {
             return bad("server.max_body_bytes must be above zero".into());
+        }
+        if self.server.admin_token.as_deref() == Some("") {
+            return bad(
+                "server.admin_token is empty: set a token, or remove the key (admin then open on loopback only)"
+                    .into(),
+            );
+        }
+        if self.sources.iter().any(|s| s.token.as_deref() == Some("")) {
+            return bad("source token is empty: set a token, or remove the key".into());
+        }
+        if self.server.max_connections == 0 || self.server.max_in_flight == 0 {
+            return bad(
+                "server.max_connections and server.max_in_flight must be at least 1".into(),
+            );
+        }
+        if self.server.header_timeout.is_zero() || self.server.body_timeout.is_zero() {
+            return bad("server.header_timeout and server.body_timeout must be above zero".into());
+        }
+        if self.limits.max_entries_per_request > self.queue.capacity {
+            return bad(format!(
+                "limits.max_entries_per_request ({}) is above queue.capacity ({}): such a request could never be accepted",
+                self.limits.max_entries_per_request, self.queue.capacity
+            ));
         }
         let mut names = std::collections::HashSet::new();
         for d in &self.destinations {

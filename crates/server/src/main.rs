@@ -297,6 +297,7 @@ async fn serve_async(cfg: Config) -> Result<ExitCode> {
         .with_context(|| format!("binding {}", cfg.server.listen))?;
     let addr = listener.local_addr()?;
     let shutdown_timeout = cfg.server.shutdown_timeout;
+    let limits = (cfg.server.max_connections, cfg.server.header_timeout);
     let app = spool_server::wire(cfg)?;
     let engine = app.engine.clone();
     tracing::info!(listen = %addr, startup_ms = started.elapsed().as_millis() as u64, "spool serving");
@@ -305,7 +306,7 @@ async fn serve_async(cfg: Config) -> Result<ExitCode> {
     let server = {
         let stop = stop.clone();
         let router = http::router(app.clone());
-        tokio::spawn(accept_loop(listener, router, stop))
+        tokio::spawn(accept_loop(listener, router, stop, limits))
     };
     shutdown_signal().await;
     let deadline = tokio::time::Instant::now() + shutdown_timeout;
@@ -315,8 +316,14 @@ async fn serve_async(cfg: Config) -> Result<ExitCode> {
     );
     app.closing.store(true, Ordering::SeqCst);
     stop.notify_one();
-    if tokio::time::timeout_at(deadline, server).await.is_err() {
-        tracing::warn!("in-flight requests did not finish before server.shutdown_timeout");
+    // In-flight requests get half of the shutdown timeout at most: slow clients
+    // cannot eat the engine's drain.
+    let requests_until = tokio::time::Instant::now() + shutdown_timeout / 2;
+    if tokio::time::timeout_at(requests_until, server)
+        .await
+        .is_err()
+    {
+        tracing::warn!("in-flight requests did not finish within half of server.shutdown_timeout");
     }
     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
     let report = engine.shutdown(left.max(Duration::from_millis(100))).await;
@@ -328,9 +335,6 @@ async fn serve_async(cfg: Config) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Longest a client may take to send a request's headers (slowloris guard).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Serve HTTP/1.1 connections until `stop`, then let in-flight requests finish
 /// (the caller bounds that wait). hyper's connection builder instead of
 /// `axum::serve` for its header-read timeout.
@@ -338,14 +342,22 @@ async fn accept_loop(
     listener: tokio::net::TcpListener,
     router: axum::Router,
     stop: Arc<tokio::sync::Notify>,
+    (max_connections, header_timeout): (usize, Duration),
 ) {
     use hyper_util::rt::{TokioIo, TokioTimer};
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(header_timeout);
+    // server.max_connections: at the limit, new connections wait in the
+    // kernel's accept queue until one closes.
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
     loop {
+        let slot = tokio::select! {
+            s = slots.clone().acquire_owned() => s.expect("never closed"),
+            _ = stop.notified() => break,
+        };
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(c) => c,
@@ -366,6 +378,7 @@ async fn accept_loop(
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
+            drop(slot);
         });
     }
     drop(listener);

@@ -296,3 +296,57 @@ impl spool_wal::WalObserver for Metrics {
         self.wal_group.observe(appends as f64);
     }
 }
+
+/// OpenMetrics text → Prometheus text format 0.0.4: counters are declared by
+/// their sample name (`…_total`), `# UNIT` and `# EOF` lines go.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let mut counters = std::collections::HashSet::new();
+    for l in openmetrics.lines() {
+        if let Some(rest) = l.strip_prefix("# TYPE ") {
+            if let Some(name) = rest.strip_suffix(" counter") {
+                counters.insert(name.to_owned());
+            }
+        }
+    }
+    let mut out = String::with_capacity(openmetrics.len());
+    for l in openmetrics.lines() {
+        if l == "# EOF" || l.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = l
+            .strip_prefix("# HELP ")
+            .map(|r| ("# HELP ", r))
+            .or_else(|| l.strip_prefix("# TYPE ").map(|r| ("# TYPE ", r)));
+        match meta {
+            Some((kind, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                if counters.contains(name) {
+                    out.push_str(&format!("{kind}{name}_total {tail}\n"));
+                } else {
+                    out.push_str(l);
+                    out.push('\n');
+                }
+            }
+            None => {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_text_declares_counters_by_their_sample_name() {
+        let om = "# HELP spool_x Things.\n# TYPE spool_x counter\nspool_x_total{a=\"b\"} 3\n# TYPE spool_g gauge\nspool_g 1\n# EOF\n";
+        let text = to_prometheus_text(om);
+        assert_eq!(
+            text,
+            "# HELP spool_x_total Things.\n# TYPE spool_x_total counter\nspool_x_total{a=\"b\"} 3\n# TYPE spool_g gauge\nspool_g 1\n"
+        );
+    }
+}

@@ -52,7 +52,7 @@ where
     Fut: std::future::Future<Output = Result<DlqOutcome, spool_wal::WalError>>,
 {
     app.authorize_admin(headers)?;
-    let raw = read_body(headers, body, 16 << 20).await?;
+    let raw = read_body(headers, body, 16 << 20, app.cfg.server.body_timeout).await?;
     let b: DlqBody = serde_json::from_slice(&raw).map_err(|e| {
         ApiError::bad(
             "invalid_request",

@@ -132,7 +132,12 @@ pub(crate) fn split_entries(
 }
 
 /// Read the request body, bounded by `limit` before and after gzip.
-pub(crate) async fn read_body(headers: &HeaderMap, body: Body, limit: u64) -> ApiResult<Vec<u8>> {
+pub(crate) async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: u64,
+    within: Duration,
+) -> ApiResult<Vec<u8>> {
     let too_large = || {
         ApiError::too_large(format!(
             "request body exceeds server.max_body_bytes ({limit} bytes)"
@@ -146,20 +151,14 @@ pub(crate) async fn read_body(headers: &HeaderMap, body: Body, limit: u64) -> Ap
             return Err(too_large());
         }
     }
-    let read = tokio::time::timeout(
-        BODY_READ_TIMEOUT,
-        axum::body::to_bytes(body, limit as usize),
-    );
+    let read = tokio::time::timeout(within, axum::body::to_bytes(body, limit as usize));
     let raw = read
         .await
         .map_err(|_| {
             ApiError::new(
                 StatusCode::REQUEST_TIMEOUT,
                 "request_timeout",
-                format!(
-                    "the body did not arrive within {}s",
-                    BODY_READ_TIMEOUT.as_secs()
-                ),
+                format!("the body did not arrive within {within:?} (server.body_timeout)"),
             )
         })?
         .map_err(|e| {

@@ -51,11 +51,19 @@ pub(crate) async fn write(
                 .min(60_000),
         ),
     };
+    // A JSON type is required: no CORS "simple request" (a web page's form or
+    // text/plain fetch) can reach the write path.
     let ndjson = match headers
         .get(header::CONTENT_TYPE)
         .map(|v| v.to_str().unwrap_or("?"))
     {
-        None => false,
+        None => {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "a write needs Content-Type: application/json or application/x-ndjson",
+            ))
+        }
         Some(ct) => {
             let mime = ct
                 .split(';')
@@ -76,7 +84,13 @@ pub(crate) async fn write(
             }
         }
     };
-    let body = read_body(&headers, body, app.cfg.server.max_body_bytes).await?;
+    let body = read_body(
+        &headers,
+        body,
+        app.cfg.server.max_body_bytes,
+        app.cfg.server.body_timeout,
+    )
+    .await?;
     let limits = &app.cfg.limits;
     let raws = split_entries(&body, ndjson, limits.max_entries_per_request)?;
     if raws.is_empty() {
@@ -156,6 +170,9 @@ pub(crate) async fn write(
             payload: text.as_bytes().to_vec(),
         });
     }
+    // The entries own copies of their text: the body goes before any waiting
+    // (wait=delivered may hold this request for up to a minute).
+    drop(body);
     if let Some(l) = &src.limiter {
         l.lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -16,6 +16,7 @@ mod admin;
 mod auth;
 mod body;
 mod error;
+mod guard;
 mod ingest;
 mod probes;
 mod read;
@@ -34,6 +35,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use body::*;
 use error::*;
+use guard::HostGuard;
 use ingest::*;
 use probes::*;
 use read::*;
@@ -51,9 +53,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
-/// Longest a client may take to send a request body (slow-body guard).
-const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// Longest `subject` / `idempotency_key` accepted, bytes.
 const MAX_FIELD_BYTES: usize = 1024;
 
@@ -70,6 +69,10 @@ pub struct App {
     /// Shutdown began: new requests get 503.
     pub closing: AtomicBool,
     started: Instant,
+    /// Browser safety, while anything is reachable without a token.
+    guard: Option<HostGuard>,
+    /// Requests being handled (`server.max_in_flight`).
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 pub(crate) struct Source {
@@ -133,6 +136,8 @@ impl App {
                 .collect();
         App {
             engine,
+            guard: HostGuard::new(&cfg),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(cfg.server.max_in_flight)),
             cfg,
             metrics,
             sources,
@@ -167,7 +172,8 @@ pub fn router(app: Arc<App>) -> Router {
 }
 
 /// Count and log (debug) every request by route and code; refuse new work while
-/// shutting down.
+/// shutting down, past `server.max_in_flight`, and — while anything is reachable
+/// without a token — from a foreign `Host` or a cross-site `Origin`.
 async fn track(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
     let (start, method) = (Instant::now(), req.method().clone());
     let route = req
@@ -175,10 +181,31 @@ async fn track(State(app): State<Arc<App>>, req: Request, next: Next) -> Respons
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned());
     let ops = matches!(route.as_str(), "/healthz" | "/readyz" | "/metrics");
+    let guarded_route = route.starts_with("/v1/admin/")
+        || (route == "/v1/{source}/entries" && method == axum::http::Method::POST);
     let resp = if app.closing.load(Ordering::SeqCst) && !ops {
         ApiError::unavailable("shutting down").into_response()
+    } else if let Some(Err(e)) = app
+        .guard
+        .as_ref()
+        .map(|g| g.check(req.headers(), guarded_route))
+    {
+        e.into_response()
     } else {
-        next.run(req).await
+        match app.in_flight.clone().try_acquire_owned() {
+            Ok(_permit) => next.run(req).await,
+            Err(_) if ops => next.run(req).await,
+            Err(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                format!(
+                    "{} requests are in flight (server.max_in_flight); retry shortly",
+                    app.cfg.server.max_in_flight
+                ),
+            )
+            .retry(1)
+            .into_response(),
+        }
     };
     let code = resp.status().as_u16();
     app.metrics.http_request(&route, code);
