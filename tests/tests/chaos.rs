@@ -161,30 +161,6 @@ fn a_postgres_outage_under_load_sheds_with_429_and_delivers_everything_after() {
     }));
 }
 
-fn psql(pg: &PgServer, sql: &str) {
-    let bin = spool_testkit::pg_bindir()
-        .expect("PostgreSQL binaries")
-        .join("psql");
-    let out = std::process::Command::new(bin)
-        .args([
-            "-X",
-            "-q",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-d",
-            pg.url(),
-            "-c",
-            sql,
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{sql}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[test]
 fn poison_entries_are_dead_lettered_with_a_reason_and_requeue_after_the_fix() {
     let pg = PgServer::start();

@@ -80,21 +80,6 @@ fn destination_up(s: &Server, name: &str) -> Option<String> {
         .find_map(|l| l.strip_prefix(prefix.as_str()).map(str::to_owned))
 }
 
-/// Run SQL on the test server with psql.
-fn psql(pg: &PgServer, sql: &str) {
-    let bin = spool_testkit::pg_bindir().map_or("psql".into(), |b| b.join("psql"));
-    let out = std::process::Command::new(bin)
-        .arg(pg.url())
-        .args(["-v", "ON_ERROR_STOP=1", "-q", "-c", sql])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// Issue 14, scenario 1. Before: `spool serve` exited ("opening destination …:
 /// pool timed out"). Now it starts, reports the destination down, answers writes
 /// 202 (durable), migrates at the first contact and delivers everything once.

@@ -378,14 +378,7 @@ impl Wal {
     /// Put dead letters back to pending. Returns the LSNs that were dead letters
     /// (others are ignored). Durable once it resolves.
     pub async fn requeue(&self, lsns: &[u64]) -> Result<Vec<u64>> {
-        let dead = self.dead_among(lsns);
-        if dead.is_empty() {
-            return Ok(dead);
-        }
-        let mut body = Vec::new();
-        format::encode_lsns(&dead, &mut body);
-        self.marker(Kind::Requeued, body, true).await?;
-        Ok(dead)
+        self.dead_letter_marker(Kind::Requeued, lsns).await
     }
 
     /// Whether the entry at `lsn` is a dead letter an operator purged (its record
@@ -398,22 +391,26 @@ impl Wal {
     /// their segments may go. Returns the LSNs that were dead letters (others,
     /// pending or unknown, are ignored). Durable once it resolves.
     pub async fn purge(&self, lsns: &[u64]) -> Result<Vec<u64>> {
-        let dead = self.dead_among(lsns);
+        self.dead_letter_marker(Kind::Purged, lsns).await
+    }
+
+    /// A durable REQUEUED or PURGED record for those of `lsns` that are dead
+    /// letters; answers them.
+    async fn dead_letter_marker(&self, kind: Kind, lsns: &[u64]) -> Result<Vec<u64>> {
+        let dead: Vec<u64> = {
+            let st = self.shared.state();
+            lsns.iter()
+                .copied()
+                .filter(|l| matches!(st.tracked.get(l), Some(m) if m.status != Tracked::Pending))
+                .collect()
+        };
         if dead.is_empty() {
             return Ok(dead);
         }
         let mut body = Vec::new();
         format::encode_lsns(&dead, &mut body);
-        self.marker(Kind::Purged, body, true).await?;
+        self.marker(kind, body, true).await?;
         Ok(dead)
-    }
-
-    fn dead_among(&self, lsns: &[u64]) -> Vec<u64> {
-        let st = self.shared.state();
-        lsns.iter()
-            .copied()
-            .filter(|l| matches!(st.tracked.get(l), Some(m) if m.status != Tracked::Pending))
-            .collect()
     }
 
     /// fdatasync everything written so far, whatever the sync mode.

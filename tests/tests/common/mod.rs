@@ -454,3 +454,27 @@ pub fn check(s: &Server, seen: &Seen) -> (usize, usize) {
     );
     (lost, dups)
 }
+
+pub fn psql(pg: &spool_testkit::PgServer, sql: &str) {
+    let bin = spool_testkit::pg_bindir()
+        .expect("PostgreSQL binaries")
+        .join("psql");
+    let out = std::process::Command::new(bin)
+        .args([
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            pg.url(),
+            "-c",
+            sql,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -76,6 +76,14 @@ pub(crate) fn select(ids: &Option<Vec<Uuid>>) -> Select<'_> {
     ids.as_deref().map_or(Select::All, Select::Ids)
 }
 
+/// The answer of requeue and purge: the count under `verb`, the ids, and the
+/// ids asked for that were not dead letters.
+fn dlq_answer(verb: &str, out: DlqOutcome) -> Response {
+    let ids: Vec<Uuid> = out.done.iter().map(|d| d.id).collect();
+    Json(json!({verb: ids.len(), "ids": ids, "not_dead_letters": out.not_dead_letters}))
+        .into_response()
+}
+
 pub(crate) async fn requeue(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
@@ -85,11 +93,7 @@ pub(crate) async fn requeue(
         engine.requeue(select(&ids)).await
     })
     .await?;
-    let ids: Vec<Uuid> = out.done.iter().map(|d| d.id).collect();
-    Ok(
-        Json(json!({"requeued": ids.len(), "ids": ids, "not_dead_letters": out.not_dead_letters}))
-            .into_response(),
-    )
+    Ok(dlq_answer("requeued", out))
 }
 
 pub(crate) async fn purge(
@@ -101,13 +105,8 @@ pub(crate) async fn purge(
         engine.purge(select(&ids)).await
     })
     .await?;
-    let ids: Vec<Uuid> = out.done.iter().map(|d| d.id).collect();
-    Ok(
-        Json(json!({"purged": ids.len(), "ids": ids, "not_dead_letters": out.not_dead_letters}))
-            .into_response(),
-    )
+    Ok(dlq_answer("purged", out))
 }
-
 pub(crate) async fn stats(State(app): State<Arc<App>>, headers: HeaderMap) -> ApiResult<Response> {
     app.authorize_admin(&headers)?;
     let st = app.engine.wal_status();
