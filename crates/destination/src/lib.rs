@@ -31,13 +31,15 @@ mod postgres;
 mod query;
 mod sqlite;
 mod validate;
+mod words;
 
 pub use error::DestinationError;
 pub use postgres::PostgresDestination;
-pub use query::{Query, DEFAULT_LIMIT, MAX_LIMIT};
+pub use query::{Query, DEFAULT_LIMIT, MAX_LIMIT, MAX_TIME_US, MIN_TIME_US};
 pub use spool_wal::{Entry, LoggedEntry};
 pub use sqlite::SqliteDestination;
 pub use validate::{check_payload, check_text, Field, InvalidEntry, PayloadFields};
+pub use words::{payload_words, words, MAX_INDEXED_BYTES, MAX_QUERY_WORDS, MAX_WORD_BYTES};
 
 use async_trait::async_trait;
 use std::sync::Arc;

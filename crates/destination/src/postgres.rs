@@ -8,12 +8,14 @@
 //! down. Every statement has a server-side `statement_timeout` and a slightly
 //! longer client-side deadline: a black-holed connection is an outage, never a
 //! hung worker.
-//! The payload is `jsonb`; full-text search uses a GIN index over
-//! `jsonb_to_tsvector('simple', payload, '["string"]')`, the same words SQLite's
-//! FTS5 index sees.
+//! The payload is `jsonb`; full-text search uses a GIN index over the `words`
+//! `tsvector`, made with `array_to_tsvector` from the words spool computed
+//! ([`crate::words`]) — no parser, no dictionary, no locale: the same words
+//! SQLite's index holds, and queried as quoted lexemes the same way.
 
 use crate::error::classify;
-use crate::query::{words, Query};
+use crate::query::Query;
+use crate::words::{payload_words, query_words, tsquery};
 use crate::{next_cursor, screen, Destination, DestinationError, Page, Result, StoredEntry};
 use async_trait::async_trait;
 use spool_wal::{Entry, LoggedEntry};
@@ -62,7 +64,21 @@ const MIGRATIONS: &[&str] = &[
     CREATE UNIQUE INDEX spool_entries_by_key ON spool_entries (source, idempotency_key)
         WHERE idempotency_key IS NOT NULL;
     "#,
+    // 3: full-text words computed by spool (crate::words), independent of the
+    // server's parser and locale. Rows already stored get theirs from
+    // `backfill_words` in the same transaction, then the index is built.
+    r#"
+    LOCK TABLE spool_entries IN SHARE ROW EXCLUSIVE MODE;
+    DROP INDEX spool_entries_fts;
+    ALTER TABLE spool_entries ADD COLUMN words tsvector;
+    "#,
 ];
+
+/// The migration after which existing rows' words are computed from Rust.
+const WORDS_MIGRATION: usize = 3;
+
+/// Rows' words as a tsvector, from the space-joined words spool computed.
+const WORDS_SQL: &str = "array_to_tsvector(string_to_array(w, ' '))";
 
 /// Advisory lock key serializing migrations of several spool nodes.
 const MIGRATION_LOCK: i64 = 0x5350_4f4f_4c00_0001;
@@ -181,6 +197,9 @@ impl PostgresDestination {
         }
         for (i, m) in MIGRATIONS.iter().enumerate().skip(found as usize) {
             tx.execute(*m).await.map_err(|e| self.err(e))?;
+            if i + 1 == WORDS_MIGRATION {
+                backfill_words(&mut tx).await.map_err(|e| self.err(e))?;
+            }
             sqlx::query("INSERT INTO spool_schema (version) VALUES ($1)")
                 .bind(i as i32 + 1)
                 .execute(&mut *tx)
@@ -209,6 +228,35 @@ impl PostgresDestination {
     }
 }
 
+/// Compute the words of every row stored before migration 3, then index them.
+async fn backfill_words(conn: &mut sqlx::PgConnection) -> sqlx::Result<()> {
+    loop {
+        let rows: Vec<(Uuid, String)> = sqlx::query_as(
+            "SELECT id, payload::text FROM spool_entries WHERE words IS NULL LIMIT 1000",
+        )
+        .fetch_all(&mut *conn)
+        .await?;
+        if rows.is_empty() {
+            break;
+        }
+        let (ids, words): (Vec<Uuid>, Vec<String>) = rows
+            .into_iter()
+            .map(|(id, p)| (id, payload_words(p.as_bytes())))
+            .unzip();
+        sqlx::query(&format!(
+            "UPDATE spool_entries e SET words = {WORDS_SQL} \
+             FROM UNNEST($1::uuid[], $2::text[]) AS t(id, w) WHERE e.id = t.id"
+        ))
+        .bind(&ids)
+        .bind(&words)
+        .execute(&mut *conn)
+        .await?;
+    }
+    conn.execute("CREATE INDEX spool_entries_words ON spool_entries USING gin (words)")
+        .await
+        .map(drop)
+}
+
 #[async_trait]
 impl Destination for PostgresDestination {
     fn name(&self) -> &str {
@@ -226,7 +274,8 @@ impl Destination for PostgresDestination {
             Vec::with_capacity(n),
             Vec::with_capacity(n),
         );
-        let (mut subjects, mut keys, mut payloads, mut created) = (
+        let (mut subjects, mut keys, mut payloads, mut created, mut words) = (
+            Vec::with_capacity(n),
             Vec::with_capacity(n),
             Vec::with_capacity(n),
             Vec::with_capacity(n),
@@ -242,17 +291,18 @@ impl Destination for PostgresDestination {
             // Validated as UTF-8 JSON by `screen`.
             payloads.push(std::str::from_utf8(&e.payload).unwrap_or_default());
             created.push(e.accepted_at_us);
+            words.push(payload_words(&e.payload));
         }
         let done = self
             .run(
-                sqlx::query(
-                    "INSERT INTO spool_entries (id, lsn, source, subject, idempotency_key, payload, created_at) \
+                sqlx::query(&format!(
+                    "INSERT INTO spool_entries (id, lsn, source, subject, idempotency_key, payload, created_at, words) \
                      SELECT id, lsn, source, subject, ikey, payload::jsonb, \
-                            timestamptz 'epoch' + created * interval '1 microsecond' \
-                     FROM UNNEST($1::uuid[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[], $7::int8[]) \
-                          AS t(id, lsn, source, subject, ikey, payload, created) \
+                            timestamptz 'epoch' + created * interval '1 microsecond', {WORDS_SQL} \
+                     FROM UNNEST($1::uuid[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[], $7::int8[], $8::text[]) \
+                          AS t(id, lsn, source, subject, ikey, payload, created, w) \
                      ON CONFLICT DO NOTHING",
-                )
+                ))
                 .bind(&ids)
                 .bind(&lsns)
                 .bind(&sources)
@@ -260,6 +310,7 @@ impl Destination for PostgresDestination {
                 .bind(&keys)
                 .bind(&payloads)
                 .bind(&created)
+                .bind(&words)
                 .execute(&self.pool),
             )
             .await?;
@@ -308,13 +359,13 @@ impl Destination for PostgresDestination {
                 .push(")");
         }
         if let Some(text) = q.q.as_deref().filter(|t| !t.trim().is_empty()) {
-            let w = words(text);
+            let w = query_words(text);
             if w.is_empty() {
                 return Ok(Page::default());
             }
-            qb.push(" AND jsonb_to_tsvector('simple', payload, '[\"string\"]') @@ plainto_tsquery('simple', ")
-                .push_bind(w.join(" "))
-                .push(")");
+            qb.push(" AND words @@ ")
+                .push_bind(tsquery(&w))
+                .push("::tsquery");
         }
         qb.push(" ORDER BY created_at DESC, id DESC LIMIT ")
             .push_bind(limit as i64);

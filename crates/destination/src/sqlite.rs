@@ -7,11 +7,13 @@
 //! conflict is the id, or the unique (source, idempotency_key)). Connections are
 //! made, and the schema migrated, at the first use, so a database that cannot be
 //! opened yet (locked, read-only, disk full) is an outage, not a failed start. A
-//! contentless FTS5 table indexes the string values of each payload, filled by a
-//! trigger on insert.
+//! contentless FTS5 table indexes the words of each payload's string values
+//! ([`crate::words`]), inserted with the rows; its tokenizer only splits at
+//! spaces, so what is indexed is exactly what Rust computed.
 
 use crate::error::classify;
-use crate::query::{words, Query};
+use crate::query::Query;
+use crate::words::{fts5_query, payload_words, query_words};
 use crate::{next_cursor, screen, Destination, DestinationError, Page, Result, StoredEntry};
 use async_trait::async_trait;
 use spool_wal::{Entry, LoggedEntry};
@@ -20,6 +22,7 @@ use sqlx::sqlite::{
     SqliteSynchronous,
 };
 use sqlx::{Executor, QueryBuilder, Row, Sqlite};
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 use tokio::sync::OnceCell;
@@ -69,7 +72,20 @@ const MIGRATIONS: &[&str] = &[
     CREATE UNIQUE INDEX spool_entries_by_key ON spool_entries (source, idempotency_key)
         WHERE idempotency_key IS NOT NULL;
     "#,
+    // 3: full-text words computed by spool (crate::words), the same for the
+    // index and for queries in every script; the tokenizer only splits at
+    // spaces (every character category is a token character). Rows already
+    // stored are indexed by `backfill_words` in the same transaction.
+    r#"
+    DROP TRIGGER spool_entries_fts_insert;
+    DROP TABLE spool_entries_fts;
+    CREATE VIRTUAL TABLE spool_entries_words USING fts5(words, content='', detail=none,
+        columnsize=0, tokenize="unicode61 categories 'L* M* N* P* S* Z* C*' separators ' ' remove_diacritics 0");
+    "#,
 ];
+
+/// The migration after which existing rows' words are indexed from Rust.
+const WORDS_MIGRATION: usize = 3;
 
 /// Rows per INSERT statement (8 parameters each; SQLite allows 32766).
 const ROWS_PER_STATEMENT: usize = 500;
@@ -160,6 +176,9 @@ impl SqliteDestination {
         }
         for (i, m) in MIGRATIONS.iter().enumerate().skip(found as usize) {
             tx.execute(*m).await.map_err(|e| self.err(e))?;
+            if i + 1 == WORDS_MIGRATION {
+                backfill_words(&mut tx).await.map_err(|e| self.err(e))?;
+            }
             sqlx::query("INSERT INTO spool_schema (version) VALUES (?)")
                 .bind(i as i64 + 1)
                 .execute(&mut *tx)
@@ -192,7 +211,45 @@ impl SqliteDestination {
     }
 }
 
-/// Insert a batch in one transaction; answers the rows inserted.
+/// Index the words of every row stored before migration 3.
+async fn backfill_words(conn: &mut sqlx::SqliteConnection) -> sqlx::Result<()> {
+    let mut after = 0i64;
+    loop {
+        let rows: Vec<(i64, String)> = sqlx::query_as(
+            "SELECT rowid, payload FROM spool_entries WHERE rowid > ? ORDER BY rowid LIMIT 1000",
+        )
+        .bind(after)
+        .fetch_all(&mut *conn)
+        .await?;
+        let Some(&(last, _)) = rows.last() else {
+            return Ok(());
+        };
+        after = last;
+        let words: Vec<(i64, String)> = rows
+            .into_iter()
+            .map(|(rowid, p)| (rowid, payload_words(p.as_bytes())))
+            .collect();
+        index_words(conn, &words).await?;
+    }
+}
+
+/// Add rows' words (rowid, words) to the full-text index.
+async fn index_words(
+    conn: &mut sqlx::SqliteConnection,
+    rows: &[(i64, String)],
+) -> sqlx::Result<()> {
+    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+        let mut qb: QueryBuilder<Sqlite> =
+            QueryBuilder::new("INSERT INTO spool_entries_words (rowid, words) ");
+        qb.push_values(chunk, |mut b, (rowid, words)| {
+            b.push_bind(*rowid).push_bind(words.as_str());
+        });
+        qb.build().execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Insert a batch in one transaction, with its words; answers the rows inserted.
 async fn insert(conn: &mut sqlx::SqliteConnection, batch: &[LoggedEntry]) -> sqlx::Result<u64> {
     use sqlx::Connection;
     let now = spool_wal::now_us();
@@ -213,8 +270,21 @@ async fn insert(conn: &mut sqlx::SqliteConnection, batch: &[LoggedEntry]) -> sql
                 .push_bind(e.accepted_at_us)
                 .push_bind(now);
         });
-        qb.push(" ON CONFLICT DO NOTHING");
-        inserted += qb.build().execute(&mut *tx).await?.rows_affected();
+        // Rows skipped as conflicts are not returned: only new rows are indexed.
+        qb.push(" ON CONFLICT DO NOTHING RETURNING rowid, lsn");
+        let new: Vec<(i64, i64)> = qb.build_query_as().fetch_all(&mut *tx).await?;
+        inserted += new.len() as u64;
+        // A batch comes from one WAL: its LSNs are distinct.
+        let by_lsn: HashMap<u64, &LoggedEntry> = chunk.iter().map(|le| (le.lsn, le)).collect();
+        let words: Vec<(i64, String)> = new
+            .into_iter()
+            .filter_map(|(rowid, lsn)| {
+                let le = by_lsn.get(&(lsn as u64))?;
+                let words = payload_words(&le.entry.payload);
+                (!words.is_empty()).then_some((rowid, words))
+            })
+            .collect();
+        index_words(&mut tx, &words).await?;
     }
     tx.commit().await?;
     Ok(inserted)
@@ -287,16 +357,14 @@ impl Destination for SqliteDestination {
                 .push(")");
         }
         if let Some(text) = q.q.as_deref().filter(|t| !t.trim().is_empty()) {
-            let w = words(text);
+            let w = query_words(text);
             if w.is_empty() {
                 return Ok(Page::default());
             }
-            // Each word a quoted FTS5 string: user input never becomes query syntax.
-            let expr: Vec<String> = w.iter().map(|w| format!("\"{w}\"")).collect();
             qb.push(
-                " AND rowid IN (SELECT rowid FROM spool_entries_fts WHERE spool_entries_fts MATCH ",
+                " AND rowid IN (SELECT rowid FROM spool_entries_words WHERE spool_entries_words MATCH ",
             )
-            .push_bind(expr.join(" "))
+            .push_bind(fts5_query(&w))
             .push(")");
         }
         qb.push(" ORDER BY created_at DESC, id DESC LIMIT ")

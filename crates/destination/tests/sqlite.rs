@@ -142,10 +142,11 @@ async fn the_database_file_is_in_wal_journal_mode() {
     assert_eq!(mode, "wal");
 }
 
-/// Migration 2 on a file that already holds copies of a key: the first accepted
-/// stays, the copy moves to spool_entries_displaced and out of the full-text index.
+/// A version-1 file (full-text by trigger) that already holds copies of a key,
+/// migrated: the first accepted stays, the copy moves to spool_entries_displaced,
+/// and the rows stored before are found by their words (migration 3 indexes them).
 #[tokio::test]
-async fn the_key_migration_keeps_the_first_of_existing_copies() {
+async fn the_key_and_words_migrations_keep_the_first_copy_and_index_old_rows() {
     use spool_destination::{Destination, Query};
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("spool.db");
@@ -157,20 +158,38 @@ async fn the_key_migration_keeps_the_first_of_existing_copies() {
     )
     .unwrap();
     d.health().await.unwrap();
+    d.close().await;
     let url = format!("sqlite://{}", path.display());
     let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
-    sqlx::raw_sql("DROP INDEX spool_entries_by_key; DROP TABLE spool_entries_displaced; DELETE FROM spool_schema WHERE version = 2")
+    // Back to the version-1 schema, then rows as version 1 stored them; the
+    // later-accepted copy was inserted first.
+    let later = logged(2, "s", None, r#"{"t":"zebra"}"#, 2_000);
+    let first = logged(1, "s", None, r#"{"t":"aardvark नमस्ते"}"#, 1_000);
+    sqlx::raw_sql(
+        "DROP INDEX spool_entries_by_key; DROP TABLE spool_entries_displaced; \
+         DROP TABLE spool_entries_words; DELETE FROM spool_schema WHERE version > 1; \
+         CREATE VIRTUAL TABLE spool_entries_fts USING fts5(body, content='', detail=none, columnsize=0); \
+         CREATE TRIGGER spool_entries_fts_insert AFTER INSERT ON spool_entries BEGIN \
+             INSERT INTO spool_entries_fts (rowid, body) \
+             SELECT new.rowid, group_concat(value, ' ') FROM json_tree(new.payload) WHERE type = 'text'; \
+         END;",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    for le in [&later, &first] {
+        sqlx::query(
+            "INSERT INTO spool_entries (id, lsn, source, subject, idempotency_key, payload, created_at, delivered_at) \
+             VALUES (?, ?, 's', NULL, 'k', ?, ?, 0)",
+        )
+        .bind(le.entry.id.hyphenated().to_string())
+        .bind(le.lsn as i64)
+        .bind(std::str::from_utf8(&le.entry.payload).unwrap())
+        .bind(le.entry.accepted_at_us)
         .execute(&pool)
         .await
         .unwrap();
-    // Written in the other order: the later-accepted copy is inserted first.
-    let mut later = logged(2, "s", None, r#"{"t":"zebra"}"#, 2_000);
-    let mut first = logged(1, "s", None, r#"{"t":"aardvark"}"#, 1_000);
-    later.entry.idempotency_key = Some("k".into());
-    first.entry.idempotency_key = Some("k".into());
-    d.write_batch(std::slice::from_ref(&later)).await.unwrap();
-    d.write_batch(std::slice::from_ref(&first)).await.unwrap();
-    d.close().await;
+    }
     let again = SqliteDestination::open(
         "main",
         &path,
@@ -191,19 +210,29 @@ async fn the_key_migration_keeps_the_first_of_existing_copies() {
         q: Some(w.into()),
         ..Default::default()
     };
-    assert_eq!(
-        again
-            .query(&search("aardvark"))
-            .await
-            .unwrap()
-            .entries
-            .len(),
-        1
-    );
+    for word in ["aardvark", "नमस्ते"] {
+        assert_eq!(
+            again.query(&search(word)).await.unwrap().entries.len(),
+            1,
+            "{word}"
+        );
+    }
     assert!(again
         .query(&search("zebra"))
         .await
         .unwrap()
         .entries
         .is_empty());
+}
+
+#[tokio::test]
+async fn words_of_any_script() {
+    let (_t, d) = fresh().await;
+    every_word_of_any_script_is_found(d).await;
+}
+
+#[tokio::test]
+async fn crafted_queries() {
+    let (_t, d) = fresh().await;
+    crafted_queries_are_invalid_not_outages(d).await;
 }

@@ -328,13 +328,24 @@ async fn an_error_raised_by_a_sqlite_trigger_isolates_the_entry() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_tsvector_overflow_in_postgres_isolates_the_entry() {
+async fn an_error_raised_by_a_postgres_trigger_isolates_the_entry() {
     let url = PgServer::shared().fresh_database();
     let dest = Arc::new(
         PostgresDestination::open("main", &url, Some(2), spool_destination::DEFAULT_TIMEOUT)
             .unwrap(),
     );
-    let words: Vec<String> = (0..120_000).map(|i| format!("w{i:08x}")).collect();
-    let payload = serde_json::json!({ "text": words.join(" ") }).to_string();
-    one_entry_is_isolated(dest, with_payload(5, payload)).await;
+    dest.health().await.unwrap();
+    // A data exception (class 22) for one entry only: the entry's fault.
+    let mut c = sqlx::PgConnection::connect(&url).await.unwrap();
+    for stmt in [
+        "CREATE FUNCTION poison_check() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+           IF NEW.payload::text LIKE '%poison%' THEN \
+             RAISE EXCEPTION 'poison' USING ERRCODE = '22023'; END IF; RETURN NEW; END $$",
+        "CREATE TRIGGER poison_check BEFORE INSERT ON spool_entries \
+           FOR EACH ROW EXECUTE FUNCTION poison_check()",
+    ] {
+        sqlx::raw_sql(stmt).execute(&mut c).await.unwrap();
+    }
+    c.close().await.unwrap();
+    one_entry_is_isolated(dest, with_payload(5, r#"{"x":"poison"}"#.into())).await;
 }

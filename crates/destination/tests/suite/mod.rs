@@ -349,3 +349,128 @@ pub async fn keyed_entries_are_unique_per_source_and_copies_are_counted(d: Dest)
     assert!(d.get("s", a.entry.id).await.unwrap().is_some());
     assert!(d.get("s", b.entry.id).await.unwrap().is_none());
 }
+
+/// Words of every script are found by exactly those words, as `words` splits
+/// them; random Unicode text (a property test) is found by each of its words,
+/// and no query text, however strange, is an error.
+pub async fn every_word_of_any_script_is_found(d: Dest) {
+    use proptest::strategy::{Strategy, ValueTree};
+    use proptest::test_runner::TestRunner;
+    let fixed = [
+        "नमस्ते दुनिया, क्षत्रिय",
+        "مرحبا بالعالم",
+        "東京タワー 서울 中文",
+        "party 🎉 👩‍👩‍👧 time",
+        "Grüße CAFÉ naïve Ærøskøbing",
+        "צה\"ל can't 3.14 e-mail",
+    ];
+    let mut runner = TestRunner::deterministic();
+    // Any Unicode text; Postgres cannot hold NUL, which the door refuses for it.
+    let text = proptest::collection::vec(proptest::char::any(), 0..40)
+        .prop_map(|cs| cs.into_iter().filter(|c| *c != '\0').collect::<String>());
+    let mut texts: Vec<String> = fixed.iter().map(|s| s.to_string()).collect();
+    for _ in 0..64 {
+        texts.push(text.new_tree(&mut runner).unwrap().current());
+    }
+    let batch: Vec<LoggedEntry> = texts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let payload = serde_json::json!({ "text": t }).to_string();
+            logged(i as u64 + 1, "w", None, &payload, i as i64 + 1)
+        })
+        .collect();
+    d.write_batch(&batch).await.unwrap();
+    for (t, le) in texts.iter().zip(&batch) {
+        for word in spool_destination::words(t) {
+            let found = d
+                .query(&Query {
+                    q: Some(word.clone()),
+                    ..q("w")
+                })
+                .await
+                .unwrap_or_else(|e| panic!("{word:?} of {t:?}: {e}"));
+            assert!(
+                found.entries.iter().any(|e| e.entry.id == le.entry.id),
+                "{t:?} not found by its word {word:?}"
+            );
+        }
+        // The whole text as the query: every word must match.
+        let found = d
+            .query(&Query {
+                q: Some(t.clone()),
+                ..q("w")
+            })
+            .await
+            .unwrap_or_else(|e| panic!("query {t:?}: {e}"));
+        let words: Vec<String> = spool_destination::words(t).collect();
+        if !words.is_empty() && words.len() <= spool_destination::MAX_QUERY_WORDS {
+            assert!(
+                found.entries.iter().any(|e| e.entry.id == le.entry.id),
+                "{t:?}"
+            );
+        }
+    }
+    for fixed_word in [
+        "नमस्ते",
+        "क्षत्रिय",
+        "بالعالم",
+        "東",
+        "タワー",
+        "🎉",
+        "👩‍👩‍👧",
+        "grüße",
+        "café",
+        "can't",
+        "3.14",
+    ] {
+        let found = d
+            .query(&Query {
+                q: Some(fixed_word.into()),
+                ..q("w")
+            })
+            .await
+            .unwrap();
+        assert!(!found.entries.is_empty(), "{fixed_word}");
+    }
+}
+
+/// Queries a client may craft are refused as invalid (a 400 at the door), never
+/// an outage or an internal error.
+pub async fn crafted_queries_are_invalid_not_outages(d: Dest) {
+    let bad = [
+        Query {
+            since_us: Some(i64::MIN),
+            ..q("c")
+        },
+        Query {
+            until_us: Some(i64::MAX),
+            ..q("c")
+        },
+        Query {
+            subject: Some("a\0b".into()),
+            ..q("c")
+        },
+        Query {
+            cursor: Some("7fffffffffffffff.0190a1b2c3d4e5f60718293a4b5c6d7e".into()),
+            ..q("c")
+        },
+        Query {
+            cursor: Some("'; DROP TABLE spool_entries; --".into()),
+            ..q("c")
+        },
+    ];
+    for query in bad {
+        match d.query(&query).await {
+            Err(DestinationError::InvalidQuery(_)) => {}
+            other => panic!("{query:?}: {other:?}"),
+        }
+    }
+    // The extremes of the range are fine.
+    let edge = Query {
+        since_us: Some(spool_destination::MIN_TIME_US),
+        until_us: Some(spool_destination::MAX_TIME_US),
+        ..q("c")
+    };
+    d.query(&edge).await.unwrap();
+}
