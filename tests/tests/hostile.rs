@@ -428,3 +428,72 @@ fn concurrent_million_entry_requests_do_not_grow_memory() {
     let grown_mib = (proc_kib(s.pid(), "VmHWM") - before) / 1024;
     assert!(grown_mib < 96, "peak RSS grew by {grown_mib} MiB");
 }
+
+/// Fifty entries of ~1 MiB read with `limit=1000`: a page holds at most
+/// `limits.max_read_bytes` (then `next_cursor`), the server's peak RSS during
+/// the read grows by at most about twice the response, and the cursor walks all
+/// fifty exactly once. Before (cbb1775) one answer held all 50 MiB, re-parsed
+/// into values: ~34× the response in memory.
+#[test]
+fn a_read_of_fifty_one_mib_entries_is_bounded_by_its_response() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(dir.path());
+    let blob = "x".repeat((1 << 20) - 200);
+    for batch in 0..10 {
+        let entries: Vec<String> = (0..5)
+            .map(|i| format!(r#"{{"n":{},"blob":"{blob}"}}"#, batch * 5 + i))
+            .collect();
+        let r = post(
+            &s,
+            "/v1/agents/entries",
+            &[("Authorization", "Bearer agents-secret")],
+            format!("[{}]", entries.join(",")).as_bytes(),
+        );
+        assert_eq!(r.status, 202, "{:?}", r.body);
+    }
+    last_lsn(&s); // waits until nothing is pending
+    let read = |cursor: &str| {
+        let url = s.url(&format!("/v1/agents/entries?limit=1000{cursor}"));
+        let resp = ureq::get(&url)
+            .set("Authorization", "Bearer agents-secret")
+            .call()
+            .unwrap();
+        let text = resp.into_string().unwrap();
+        let page: serde_json::Value = serde_json::from_str(&text).unwrap();
+        (text.len() as u64, page)
+    };
+    // Reset the peak (VmHWM) to the current RSS, then read the first page.
+    std::fs::write(format!("/proc/{}/clear_refs", s.pid()), "5").unwrap();
+    let before = proc_kib(s.pid(), "VmRSS");
+    let (len, first) = read("");
+    let grown = (proc_kib(s.pid(), "VmHWM").saturating_sub(before)) * 1024;
+    let n = first["entries"].as_array().unwrap().len();
+    eprintln!("first page: {n} entries, {len} bytes; peak RSS grew {grown} bytes");
+    assert!(
+        (1..50).contains(&n) && len <= (9 << 20),
+        "{n} entries, {len} bytes"
+    );
+    assert!(
+        grown <= 2 * len + (4 << 20),
+        "peak RSS grew by {} MiB for a {} MiB answer",
+        grown >> 20,
+        len >> 20
+    );
+    let mut seen: Vec<u64> = Vec::new();
+    let mut page = first;
+    loop {
+        seen.extend(
+            page["entries"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["payload"]["n"].as_u64().unwrap()),
+        );
+        match page["next_cursor"].as_str() {
+            Some(c) => page = read(&format!("&cursor={c}")).1,
+            None => break,
+        }
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, (0..50).collect::<Vec<u64>>());
+}

@@ -49,14 +49,10 @@ use tokio::sync::{mpsc, oneshot, OnceCell};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-/// How far an answer must go.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Wait {
-    /// In the server's WAL (fsynced).
-    Durable,
-    /// In the destination.
-    Delivered,
-}
+/// How far an answer must go: `Durable` (in the server's WAL, fsynced) or
+/// `Delivered` (in the destination).
+pub use spool_wire::Wait;
+use spool_wire::{EntryAnswer, EntryState, ErrorBody, WriteAnswer, WriteParams};
 
 /// The server's answer for one entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -626,7 +622,10 @@ impl Inner {
                     req = req.header("content-encoding", "gzip");
                 }
                 if mode == Wait::Delivered {
-                    req = req.query(&[("wait", "delivered"), ("timeout_ms", "5000")]);
+                    req = req.query(&WriteParams {
+                        wait: mode,
+                        timeout_ms: Some(5000),
+                    });
                 }
                 if let Some(t) = &self.cfg.token {
                     req = req.bearer_auth(t);
@@ -651,9 +650,8 @@ impl Inner {
                     // Connection error, timeout, or a body cut short: resend (the keys dedupe).
                     None => self.backoff(attempt),
                     Some((status, retry_after, bytes)) => {
-                        let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
                         match status {
-                            200 | 202 => match self.settle_answers(batch, mode, &body) {
+                            200 | 202 => match self.settle_answers(batch, mode, &bytes) {
                                 None => break,
                                 Some(rest) => {
                                     // wait=delivered timed out server-side: ask again (the keys dedupe).
@@ -672,10 +670,11 @@ impl Inner {
                                 .unwrap_or(Duration::from_secs(1))
                                 .min(self.cfg.retry_after_cap),
                             400..=499 => {
+                                let body = serde_json::from_slice::<ErrorBody>(&bytes).ok();
                                 let e = IngestError::Rejected {
                                     status,
-                                    error: body["error"].as_str().unwrap_or("").into(),
-                                    message: body["message"].as_str().unwrap_or("").into(),
+                                    error: body.as_ref().map_or("", |b| &b.error).into(),
+                                    message: body.as_ref().map_or("", |b| &b.message).into(),
                                 };
                                 for i in batch {
                                     i.settle(self, Err(e.clone()));
@@ -706,24 +705,41 @@ impl Inner {
 
     /// Settle items from a 200/202 answer; returns the items still in flight
     /// (wait=delivered answered "durable") to ask about again.
-    fn settle_answers(&self, batch: Vec<Item>, mode: Wait, body: &Value) -> Option<Vec<Item>> {
-        let answers = body["entries"].as_array().cloned().unwrap_or_default();
+    fn settle_answers(&self, batch: Vec<Item>, mode: Wait, body: &[u8]) -> Option<Vec<Item>> {
+        let answers = serde_json::from_slice::<WriteAnswer>(body)
+            .map(|a| a.entries)
+            .unwrap_or_default();
         let mut again = Vec::new();
         for (k, item) in batch.into_iter().enumerate() {
-            let a = answers.get(k).cloned().unwrap_or(Value::Null);
-            let id = a["id"].as_str().and_then(|s| s.parse().ok());
-            let status = a["status"].as_str().unwrap_or("").to_owned();
-            match (id, status.as_str()) {
-                (Some(_), "failed") => {
-                    let reason = a["reason"].as_str().unwrap_or("failed").into();
+            match answers.get(k) {
+                Some(EntryAnswer {
+                    status: EntryState::Failed,
+                    reason,
+                    ..
+                }) => {
+                    let reason = reason.clone().unwrap_or_else(|| "failed".into());
                     item.settle(self, Err(IngestError::Failed { reason }));
                 }
-                (Some(_), "durable") if mode == Wait::Delivered => again.push(item),
-                (Some(id), _) => {
-                    let lsn = a["lsn"].as_u64().unwrap_or(0);
-                    item.settle(self, Ok(Receipt { id, lsn, status }));
+                Some(EntryAnswer {
+                    status: EntryState::Durable,
+                    ..
+                }) if mode == Wait::Delivered => again.push(item),
+                Some(a) => {
+                    let status = match a.status {
+                        EntryState::Durable => "durable",
+                        EntryState::Delivered => "delivered",
+                        EntryState::Failed => "failed",
+                    };
+                    item.settle(
+                        self,
+                        Ok(Receipt {
+                            id: a.id,
+                            lsn: a.lsn,
+                            status: status.into(),
+                        }),
+                    );
                 }
-                (None, _) => item.settle(
+                None => item.settle(
                     self,
                     Err(IngestError::Rejected {
                         status: 200,

@@ -35,7 +35,7 @@ mod words;
 
 pub use error::DestinationError;
 pub use postgres::PostgresDestination;
-pub use query::{Query, DEFAULT_LIMIT, MAX_LIMIT, MAX_TIME_US, MIN_TIME_US};
+pub use query::{Query, DEFAULT_LIMIT, DEFAULT_PAGE_BYTES, MAX_LIMIT, MAX_TIME_US, MIN_TIME_US};
 pub use spool_wal::{Entry, LoggedEntry};
 pub use sqlite::SqliteDestination;
 pub use validate::{check_payload, check_text, Field, InvalidEntry, PayloadFields};
@@ -196,9 +196,9 @@ pub(crate) fn screen(name: &str, batch: &[LoggedEntry], no_nul: bool) -> Result<
     Ok(())
 }
 
-/// The cursor continuing after the last entry of a full page.
-pub(crate) fn next_cursor(entries: &[StoredEntry], limit: u32) -> Option<String> {
-    if entries.len() < limit as usize {
+/// The cursor continuing after the last entry of a page, when `more` may follow.
+pub(crate) fn next_cursor(entries: &[StoredEntry], more: bool) -> Option<String> {
+    if !more {
         return None;
     }
     entries.last().map(|e| {

@@ -14,10 +14,11 @@
 //! SQLite's index holds, and queried as quoted lexemes the same way.
 
 use crate::error::classify;
-use crate::query::Query;
+use crate::query::{fitting, Query};
 use crate::words::{payload_words, query_words, tsquery};
 use crate::{next_cursor, screen, Destination, DestinationError, Page, Result, StoredEntry};
 use async_trait::async_trait;
+use futures_util::TryStreamExt;
 use spool_wal::{Entry, LoggedEntry};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Executor, Postgres, QueryBuilder, Row};
@@ -332,7 +333,9 @@ impl Destination for PostgresDestination {
 
     async fn query(&self, q: &Query) -> Result<Page> {
         let (limit, cursor) = q.checked()?;
-        let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(format!("{SELECT} WHERE source = "));
+        let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(
+            "SELECT id, octet_length(payload::text)::int8 FROM spool_entries WHERE source = ",
+        );
         qb.push_bind(q.source.as_str());
         if let Some(s) = &q.subject {
             qb.push(" AND subject = ").push_bind(s.as_str());
@@ -369,10 +372,26 @@ impl Destination for PostgresDestination {
         }
         qb.push(" ORDER BY created_at DESC, id DESC LIMIT ")
             .push_bind(limit as i64);
-        let rows = self.run(qb.build().fetch_all(&self.pool)).await?;
-        let entries: Vec<StoredEntry> = rows.iter().map(|r| self.row(r)).collect();
+        // The candidates' sizes first, then the payloads of those that fit.
+        let found: Vec<(Uuid, i64)> = self.run(qb.build_query_as().fetch_all(&self.pool)).await?;
+        let (ids, lens): (Vec<Uuid>, Vec<i64>) = found.into_iter().unzip();
+        let n = fitting(&lens, q.max_bytes);
+        let sql = format!("{SELECT} WHERE id = ANY($1) ORDER BY created_at DESC, id DESC");
+        let entries = if n == 0 {
+            Vec::new()
+        } else {
+            self.run(async {
+                let mut rows = sqlx::query(&sql).bind(&ids[..n]).fetch(&self.pool);
+                let mut entries = Vec::with_capacity(n);
+                while let Some(r) = rows.try_next().await? {
+                    entries.push(self.row(&r));
+                }
+                Ok(entries)
+            })
+            .await?
+        };
         Ok(Page {
-            next_cursor: next_cursor(&entries, limit),
+            next_cursor: next_cursor(&entries, n < ids.len() || ids.len() == limit as usize),
             entries,
         })
     }

@@ -30,6 +30,33 @@ pub struct Query {
     pub limit: u32,
     /// Continue after this cursor (from a previous page's `next_cursor`).
     pub cursor: Option<String>,
+    /// Payload bytes a page may hold (0: [`DEFAULT_PAGE_BYTES`]); the first
+    /// entry is always included, however large. A page cut short by bytes has a
+    /// `next_cursor`, so a read's memory is bounded by this, not by `limit`.
+    pub max_bytes: usize,
+}
+
+/// Payload bytes of a page when the query does not say.
+pub const DEFAULT_PAGE_BYTES: usize = 8 << 20;
+
+/// How many of a page's candidate rows (their payload lengths, in order) fit in
+/// `max_bytes`: at least one.
+pub(crate) fn fitting(lens: &[i64], max_bytes: usize) -> usize {
+    let max = if max_bytes == 0 {
+        DEFAULT_PAGE_BYTES
+    } else {
+        max_bytes
+    } as i64;
+    let mut total = 0i64;
+    let n = lens
+        .iter()
+        .take_while(|&&len| {
+            let fits = total < max && total.saturating_add(len) <= max;
+            total = total.saturating_add(len);
+            fits
+        })
+        .count();
+    n.max(1).min(lens.len())
 }
 
 /// Position after which the next page starts: (accepted_at, id) of the last entry
@@ -94,6 +121,15 @@ impl Query {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_page_holds_what_fits_and_always_one() {
+        assert_eq!(fitting(&[], 10), 0);
+        assert_eq!(fitting(&[100], 10), 1);
+        assert_eq!(fitting(&[4, 4, 4], 10), 2);
+        assert_eq!(fitting(&[5, 5, 1], 10), 2);
+        assert_eq!(fitting(&[1, 1, 1], 0), 3);
+    }
 
     #[test]
     fn cursor_round_trips_and_rejects_garbage() {

@@ -12,10 +12,11 @@
 //! spaces, so what is indexed is exactly what Rust computed.
 
 use crate::error::classify;
-use crate::query::Query;
+use crate::query::{fitting, Query};
 use crate::words::{fts5_query, payload_words, query_words};
 use crate::{next_cursor, screen, Destination, DestinationError, Page, Result, StoredEntry};
 use async_trait::async_trait;
+use futures_util::TryStreamExt;
 use spool_wal::{Entry, LoggedEntry};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
@@ -336,9 +337,9 @@ impl Destination for SqliteDestination {
     async fn query(&self, q: &Query) -> Result<Page> {
         let (limit, cursor) = q.checked()?;
         self.ready().await?;
-        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(format!(
-            "SELECT {COLUMNS} FROM spool_entries WHERE source = "
-        ));
+        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "SELECT rowid, octet_length(payload) FROM spool_entries WHERE source = ",
+        );
         qb.push_bind(q.source.as_str());
         if let Some(s) = &q.subject {
             qb.push(" AND subject = ").push_bind(s.as_str());
@@ -369,17 +370,31 @@ impl Destination for SqliteDestination {
         }
         qb.push(" ORDER BY created_at DESC, id DESC LIMIT ")
             .push_bind(limit as i64);
-        let rows = qb
-            .build()
+        // The candidates' sizes first, then the payloads of those that fit.
+        let found: Vec<(i64, i64)> = qb
+            .build_query_as()
             .fetch_all(&self.readers)
             .await
             .map_err(|e| self.err(e))?;
-        let entries = rows
-            .iter()
-            .map(|r| self.row(r))
-            .collect::<Result<Vec<_>>>()?;
+        let (rowids, lens): (Vec<i64>, Vec<i64>) = found.into_iter().unzip();
+        let n = fitting(&lens, q.max_bytes);
+        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(format!(
+            "SELECT {COLUMNS} FROM spool_entries WHERE rowid IN ("
+        ));
+        let mut list = qb.separated(", ");
+        for r in &rowids[..n] {
+            list.push_bind(*r);
+        }
+        qb.push(") ORDER BY created_at DESC, id DESC");
+        let mut entries = Vec::with_capacity(n);
+        if n > 0 {
+            let mut rows = qb.build().fetch(&self.readers);
+            while let Some(r) = rows.try_next().await.map_err(|e| self.err(e))? {
+                entries.push(self.row(&r)?);
+            }
+        }
         Ok(Page {
-            next_cursor: next_cursor(&entries, limit),
+            next_cursor: next_cursor(&entries, n < rowids.len() || rowids.len() == limit as usize),
             entries,
         })
     }

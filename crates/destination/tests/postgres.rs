@@ -444,3 +444,8 @@ async fn words_of_any_script() {
 async fn crafted_queries() {
     crafted_queries_are_invalid_not_outages(fresh().await).await;
 }
+
+#[tokio::test]
+async fn pages_bounded_by_bytes() {
+    pages_are_bounded_by_bytes(fresh().await).await;
+}

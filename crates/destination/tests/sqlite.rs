@@ -236,3 +236,9 @@ async fn crafted_queries() {
     let (_t, d) = fresh().await;
     crafted_queries_are_invalid_not_outages(d).await;
 }
+
+#[tokio::test]
+async fn pages_bounded_by_bytes() {
+    let (_t, d) = fresh().await;
+    pages_are_bounded_by_bytes(d).await;
+}

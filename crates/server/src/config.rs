@@ -122,6 +122,10 @@ pub struct Limits {
     pub max_entry_bytes: u64,
     /// Most entries in one request.
     pub max_entries_per_request: usize,
+    /// Payload bytes one page of a read may hold (the first entry always;
+    /// then `next_cursor`): bounds a read's memory whatever its `limit`.
+    #[serde(deserialize_with = "size")]
+    pub max_read_bytes: u64,
 }
 
 /// `[idempotency]`.
@@ -200,6 +204,7 @@ impl Default for Limits {
         Limits {
             max_entry_bytes: 1 << 20,
             max_entries_per_request: 10_000,
+            max_read_bytes: spool_destination::DEFAULT_PAGE_BYTES as u64,
         }
     }
 }

@@ -159,3 +159,183 @@ async fn trailing_garbage_after_gzip_is_refused_and_nothing_written() {
     assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
     assert_eq!(door.last_lsn(), before);
 }
+
+async fn get(door: &Door, path: &str) -> (StatusCode, Value) {
+    door.send(Request::get(path).body(Body::empty()).unwrap())
+        .await
+}
+
+/// Query strings a client may craft are 400 with a message, never a 5xx, on
+/// either destination; before, an out-of-range time or cursor reached Postgres
+/// as a 500/503 and a NUL subject was a database error.
+async fn crafted_reads(door: &Door) {
+    let e = "/v1/default/entries";
+    for q in [
+        "since=1e300",
+        "since=-99999999999999",
+        "until=99999999999999",
+        "since=10000-01-01T00:00:00Z",
+        "since=yesterday",
+        "cursor=7fffffffffffffff.0190a1b2c3d4e5f60718293a4b5c6d7e",
+        "cursor=-8000000000000000.0190a1b2c3d4e5f60718293a4b5c6d7e",
+        "cursor=%27%3B%20DROP%20TABLE%20spool_entries",
+        "subject=a%00b",
+        "limit=0",
+        "limit=1001",
+        "limit=abc",
+        "limit=99999999999999999999",
+    ] {
+        let (status, v) = get(door, &format!("{e}?{q}")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{q}: {v}");
+        assert_eq!(v["error"], "invalid_request", "{q}: {v}");
+        let msg = v["message"].as_str().unwrap();
+        assert!(!msg.contains("SELECT") && !msg.contains('/'), "{q}: {msg}");
+    }
+    for q in ["wait=forever", "timeout_ms=-1"] {
+        let (status, v) = door.post(&format!("{e}?{q}"), r#"{"a":1}"#).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{q}: {v}");
+    }
+    // Strange but valid text is a query like any other.
+    for q in [
+        "q=%22%2A%28",
+        "q=%F0%9F%98%80",
+        "q=%00",
+        "q=NEAR%28a%20b%29%20OR%20%2A",
+    ] {
+        let (status, v) = get(door, &format!("{e}?{q}")).await;
+        assert_eq!(status, StatusCode::OK, "{q}: {v}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crafted_reads_are_400_never_5xx_sqlite() {
+    crafted_reads(&Door::start(None)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crafted_reads_are_400_never_5xx_postgres() {
+    let url = PgServer::shared().fresh_database();
+    crafted_reads(&Door::start(Some(&url))).await;
+}
+
+/// Words of any script are found through `q` exactly as written (before: emoji
+/// were never indexed, Devanagari words split at their marks).
+async fn any_script_is_searchable(door: &Door) {
+    let texts = [
+        "नमस्ते दुनिया",
+        "مرحبا بالعالم",
+        "東京タワー",
+        "party 🎉 time",
+        "Grüße aus Köln, café",
+    ];
+    let body: Vec<String> = texts
+        .iter()
+        .map(|t| format!(r#"{{"text":"{t}"}}"#))
+        .collect();
+    let (status, v) = door
+        .post(
+            "/v1/default/entries?wait=delivered",
+            format!("[{}]", body.join(",")),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    for (word, text) in [
+        ("नमस्ते", 0),
+        ("بالعالم", 1),
+        ("東", 2),
+        ("タワー", 2),
+        ("🎉", 3),
+        ("köln", 4),
+        ("CAFÉ", 4),
+    ] {
+        let q: String = url_escape(word);
+        let (status, v) = get(door, &format!("/v1/default/entries?q={q}")).await;
+        assert_eq!(status, StatusCode::OK, "{word}: {v}");
+        let found: Vec<&str> = v["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["payload"]["text"].as_str().unwrap())
+            .collect();
+        assert_eq!(found, [texts[text]], "{word}");
+    }
+}
+
+fn url_escape(s: &str) -> String {
+    s.bytes().map(|b| format!("%{b:02X}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_script_is_searchable_sqlite() {
+    any_script_is_searchable(&Door::start(None)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_script_is_searchable_postgres() {
+    let url = PgServer::shared().fresh_database();
+    any_script_is_searchable(&Door::start(Some(&url))).await;
+}
+
+/// What a web page can send cannot write, and a foreign Host (DNS rebinding) or
+/// a cross-site Origin is refused while the default is open.
+#[tokio::test]
+async fn browser_requests_cannot_write_the_open_default() {
+    let door = Door::start(None);
+    let before = door.last_lsn();
+    let send = |ct: Option<&str>, host: Option<&str>, origin: Option<&str>| {
+        let mut r = Request::post("/v1/default/entries");
+        if let Some(ct) = ct {
+            r = r.header("content-type", ct);
+        }
+        if let Some(h) = host {
+            r = r.header("host", h);
+        }
+        if let Some(o) = origin {
+            r = r.header("origin", o);
+        }
+        r.body(Body::from(r#"{"a":1}"#)).unwrap()
+    };
+    for (req, status, code) in [
+        (send(None, None, None), 415, "unsupported_media_type"),
+        (
+            send(Some("text/plain"), None, None),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            send(Some("application/x-www-form-urlencoded"), None, None),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            send(Some("application/json"), Some("evil.example"), None),
+            403,
+            "forbidden_host",
+        ),
+        (
+            send(
+                Some("application/json"),
+                Some("127.0.0.1:7070"),
+                Some("https://evil.example"),
+            ),
+            403,
+            "forbidden_origin",
+        ),
+    ] {
+        let (got, v) = door.send(req).await;
+        assert_eq!(
+            (got.as_u16(), v["error"].as_str()),
+            (status, Some(code)),
+            "{v}"
+        );
+    }
+    assert_eq!(door.last_lsn(), before, "a refused request wrote");
+    let (status, _) = door
+        .send(send(
+            Some("application/json"),
+            Some("localhost:7070"),
+            Some("http://localhost:7070"),
+        ))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+}

@@ -474,3 +474,35 @@ pub async fn crafted_queries_are_invalid_not_outages(d: Dest) {
     };
     d.query(&edge).await.unwrap();
 }
+
+/// A page holds at most `max_bytes` of payloads (always one entry), and the
+/// cursor continues where bytes cut it: nothing skipped, nothing repeated.
+pub async fn pages_are_bounded_by_bytes(d: Dest) {
+    let blob = |i: u64| format!(r#"{{"i":{i},"b":"{}"}}"#, "x".repeat(100_000));
+    let batch: Vec<LoggedEntry> = (1..=5)
+        .map(|i| logged(i, "b", None, &blob(i), i as i64))
+        .collect();
+    d.write_batch(&batch).await.unwrap();
+    let mut seen = Vec::new();
+    let mut query = Query {
+        max_bytes: 250_000,
+        ..q("b")
+    };
+    loop {
+        let page = d.query(&query).await.unwrap();
+        assert!(page.entries.len() <= 2, "{} entries", page.entries.len());
+        seen.extend(page.entries.iter().map(|e| e.lsn));
+        match page.next_cursor {
+            Some(c) => query.cursor = Some(c),
+            None => break,
+        }
+    }
+    assert_eq!(seen, vec![5, 4, 3, 2, 1]);
+    let tiny = Query {
+        max_bytes: 10,
+        ..q("b")
+    };
+    let page = d.query(&tiny).await.unwrap();
+    assert_eq!(page.entries.len(), 1, "the first entry always fits");
+    assert!(page.next_cursor.is_some());
+}

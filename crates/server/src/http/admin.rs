@@ -4,43 +4,37 @@ use super::*;
 
 pub(crate) async fn dead_letters(
     State(app): State<Arc<App>>,
-    q: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
+    q: Result<Query<DeadLetterParams>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     app.authorize_admin(&headers)?;
-    let p = query_params(q)?;
-    let limit = match p.get("limit") {
+    let Query(p) = q.map_err(bad_query)?;
+    let limit = match p.limit {
         None => 100,
-        Some(l) => l.parse::<usize>().ok().filter(|n| *n >= 1).ok_or_else(|| {
-            ApiError::bad(
+        Some(0) => {
+            return Err(ApiError::bad(
                 "invalid_request",
-                format!("limit must be a positive number, got {l:?}"),
-            )
-        })?,
+                "limit must be a positive number, got 0",
+            ))
+        }
+        Some(n) => n,
     };
-    let list: Vec<Value> = app
+    let dead_letters = app
         .engine
-        .dead_letters(p.get("source").map(String::as_str), limit)
+        .dead_letters(p.source.as_deref(), limit)
         .into_iter()
-        .map(|d| {
-            json!({"id": d.id, "lsn": d.lsn, "source": d.source, "destination": d.destination,
-                   "attempts": d.attempts, "reason": d.reason})
+        .map(|d| spool_wire::DeadLetter {
+            id: d.id,
+            lsn: d.lsn,
+            source: d.source,
+            destination: d.destination,
+            attempts: d.attempts,
+            reason: d.reason,
         })
         .collect();
-    Ok(Json(json!({"dead_letters": list})).into_response())
+    Ok(Json(DeadLetters { dead_letters }).into_response())
 }
 
-/// Body of requeue and purge: `{"ids":[...]}` or `{"all":true}`.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct DlqBody {
-    #[serde(default)]
-    ids: Option<Vec<Uuid>>,
-    #[serde(default)]
-    all: bool,
-}
-
-/// Read a requeue/purge body and run `op` on the dead letters it selects.
 pub(crate) async fn dlq_op<F, Fut>(
     app: &App,
     headers: &HeaderMap,
@@ -53,7 +47,7 @@ where
 {
     app.authorize_admin(headers)?;
     let raw = read_body(headers, body, 16 << 20, app.cfg.server.body_timeout).await?;
-    let b: DlqBody = serde_json::from_slice(&raw).map_err(|e| {
+    let b: DeadLetterSelect = serde_json::from_slice(&raw).map_err(|e| {
         ApiError::bad(
             "invalid_request",
             format!("body must be {{\"ids\":[...]}} or {{\"all\":true}}: {e}"),
@@ -78,10 +72,16 @@ pub(crate) fn select(ids: &Option<Vec<Uuid>>) -> Select<'_> {
 
 /// The answer of requeue and purge: the count under `verb`, the ids, and the
 /// ids asked for that were not dead letters.
-fn dlq_answer(verb: &str, out: DlqOutcome) -> Response {
+fn dlq_answer(requeued: bool, out: DlqOutcome) -> Response {
     let ids: Vec<Uuid> = out.done.iter().map(|d| d.id).collect();
-    Json(json!({verb: ids.len(), "ids": ids, "not_dead_letters": out.not_dead_letters}))
-        .into_response()
+    let n = Some(ids.len());
+    Json(DeadLetterAnswer {
+        requeued: n.filter(|_| requeued),
+        purged: n.filter(|_| !requeued),
+        ids,
+        not_dead_letters: out.not_dead_letters,
+    })
+    .into_response()
 }
 
 pub(crate) async fn requeue(
@@ -93,7 +93,7 @@ pub(crate) async fn requeue(
         engine.requeue(select(&ids)).await
     })
     .await?;
-    Ok(dlq_answer("requeued", out))
+    Ok(dlq_answer(true, out))
 }
 
 pub(crate) async fn purge(
@@ -105,7 +105,7 @@ pub(crate) async fn purge(
         engine.purge(select(&ids)).await
     })
     .await?;
-    Ok(dlq_answer("purged", out))
+    Ok(dlq_answer(false, out))
 }
 pub(crate) async fn stats(State(app): State<Arc<App>>, headers: HeaderMap) -> ApiResult<Response> {
     app.authorize_admin(&headers)?;

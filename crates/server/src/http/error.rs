@@ -45,10 +45,11 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut body = json!({"error": self.code, "message": self.message});
-        if let Some(s) = self.retry_after {
-            body["retry_after_seconds"] = json!(s);
-        }
+        let body = ErrorBody {
+            error: self.code.to_owned(),
+            message: self.message,
+            retry_after_seconds: self.retry_after,
+        };
         let mut r = (self.status, Json(body)).into_response();
         if let Some(s) = self.retry_after {
             r.headers_mut()

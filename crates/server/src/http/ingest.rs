@@ -2,57 +2,26 @@
 
 use super::*;
 
-#[derive(Serialize)]
-pub(crate) struct EntryAnswer {
-    id: Uuid,
-    lsn: u64,
-    status: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    reason: Option<String>,
-}
-
-pub(crate) fn query_params(
-    q: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
-) -> ApiResult<HashMap<String, String>> {
-    q.map(|Query(m)| m)
-        .map_err(|e| ApiError::bad("invalid_request", format!("bad query string: {e}")))
+/// A query string that does not fit its typed struct.
+pub(crate) fn bad_query(e: axum::extract::rejection::QueryRejection) -> ApiError {
+    ApiError::bad(
+        "invalid_request",
+        format!("bad query string: {}", e.body_text()),
+    )
 }
 
 pub(crate) async fn write(
     State(app): State<Arc<App>>,
     Path(source): Path<String>,
-    q: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
+    q: Result<Query<WriteParams>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
     let src = app.source(&source)?;
     app.authorize(src, &headers)?;
-    let params = query_params(q)?;
-    let wait_delivered = match params.get("wait").map(String::as_str) {
-        None | Some("durable") => false,
-        Some("delivered") => true,
-        Some(w) => {
-            return Err(ApiError::bad(
-                "invalid_request",
-                format!("wait must be durable or delivered, got {w:?}"),
-            ))
-        }
-    };
-    let timeout = match params.get("timeout_ms") {
-        None => Duration::from_millis(5000),
-        Some(t) => Duration::from_millis(
-            t.parse::<u64>()
-                .map_err(|_| {
-                    ApiError::bad(
-                        "invalid_request",
-                        format!("timeout_ms must be a number of milliseconds, got {t:?}"),
-                    )
-                })?
-                .min(60_000),
-        ),
-    };
-    // A JSON type is required: no CORS "simple request" (a web page's form or
-    // text/plain fetch) can reach the write path.
+    let Query(params) = q.map_err(bad_query)?;
+    let wait_delivered = params.wait == Wait::Delivered;
+    let timeout = Duration::from_millis(params.timeout_ms.unwrap_or(5000).min(60_000));
     let ndjson = match headers
         .get(header::CONTENT_TYPE)
         .map(|v| v.to_str().unwrap_or("?"))
@@ -198,9 +167,9 @@ pub(crate) async fn write(
             .zip(outcomes)
             .map(|(a, o)| {
                 let (status, reason) = match o {
-                    Outcome::Delivered => ("delivered", None),
-                    Outcome::Failed { reason } => ("failed", Some(reason)),
-                    Outcome::Pending => ("durable", None),
+                    Outcome::Delivered => (EntryState::Delivered, None),
+                    Outcome::Failed { reason } => (EntryState::Failed, Some(reason)),
+                    Outcome::Pending => (EntryState::Durable, None),
                 };
                 EntryAnswer {
                     id: a.id,
@@ -225,7 +194,7 @@ pub(crate) async fn write(
                 let (status, reason) = if a.replayed {
                     current_status(&app.engine, a.lsn)
                 } else {
-                    ("durable", None)
+                    (EntryState::Durable, None)
                 };
                 EntryAnswer {
                     id: a.id,
@@ -237,7 +206,7 @@ pub(crate) async fn write(
             .collect();
         (StatusCode::ACCEPTED, answers)
     };
-    let mut resp = (status, Json(json!({ "entries": answers }))).into_response();
+    let mut resp = (status, Json(WriteAnswer { entries: answers })).into_response();
     if replayed {
         resp.headers_mut()
             .insert("idempotent-replayed", HeaderValue::from_static("true"));
@@ -246,11 +215,11 @@ pub(crate) async fn write(
 }
 
 /// Status of an accepted entry: tracked by the WAL (pending, dead, purged) or delivered.
-pub(crate) fn current_status(engine: &Engine, lsn: u64) -> (&'static str, Option<String>) {
+pub(crate) fn current_status(engine: &Engine, lsn: u64) -> (EntryState, Option<String>) {
     match engine.status(lsn) {
-        Some(EntryStatus::Failed { reason, .. }) => ("failed", Some(reason)),
-        Some(EntryStatus::Purged) => ("failed", Some(spool_queue::PURGED.to_owned())),
-        Some(EntryStatus::Pending) => ("durable", None),
-        Some(EntryStatus::Delivered { .. }) | None => ("delivered", None),
+        Some(EntryStatus::Failed { reason, .. }) => (EntryState::Failed, Some(reason)),
+        Some(EntryStatus::Purged) => (EntryState::Failed, Some(spool_queue::PURGED.to_owned())),
+        Some(EntryStatus::Pending) => (EntryState::Durable, None),
+        Some(EntryStatus::Delivered { .. }) | None => (EntryState::Delivered, None),
     }
 }

@@ -39,12 +39,16 @@ use guard::HostGuard;
 use ingest::*;
 use probes::*;
 use read::*;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use spool_destination::{DestinationError, Field, Query as DestQuery};
 use spool_queue::{DlqOutcome, Engine, EntryStatus, IngestError, Outcome, Select};
 use spool_wal::Entry;
+use spool_wire::{
+    DeadLetterAnswer, DeadLetterParams, DeadLetterSelect, DeadLetters, EntryAnswer, EntryState,
+    ErrorBody, Wait, WriteAnswer, WriteParams,
+};
 use std::collections::HashMap;
 use std::io::Read;
 use std::sync::atomic::{AtomicBool, Ordering};

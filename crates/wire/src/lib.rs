@@ -1,0 +1,243 @@
+//! # spool-wire — the JSON of spool's HTTP API, defined once
+//!
+//! The server serializes these and spool-client deserializes them, so neither
+//! side spells a field name by hand. Query strings are typed too
+//! ([`WriteParams`], [`ReadParams`], [`DeadLetterParams`]).
+//!
+//! ## Invariants
+//! - Field names and values are SPEC "HTTP API (v1)"; a change here is a change
+//!   of the contract (docs/http-api.md, docs/openapi.yaml).
+//! - Payloads travel as raw JSON ([`RawValue`]): the server writes a stored
+//!   payload out as it is, never through a parsed `serde_json::Value`.
+
+use serde::{Deserialize, Serialize};
+pub use serde_json::value::RawValue;
+use uuid::Uuid;
+
+/// Every error answer: `{"error","message"}` (+ `retry_after_seconds` for 429/503).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// The machine-readable code (`queue_full`, `invalid_entry`, ...).
+    pub error: String,
+    /// What went wrong, for a human.
+    pub message: String,
+    /// Seconds to wait before retrying (also the `Retry-After` header).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_seconds: Option<u64>,
+}
+
+/// The state of an accepted entry in a write answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EntryState {
+    /// In the WAL, fsynced; not (yet) confirmed delivered.
+    Durable,
+    /// In its destination.
+    Delivered,
+    /// A dead letter (see `reason`).
+    Failed,
+}
+
+/// One entry of a write answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntryAnswer {
+    /// The entry's id (the original one for an idempotent replay).
+    pub id: Uuid,
+    /// Its WAL position on the node that accepted it.
+    pub lsn: u64,
+    /// Where it is.
+    pub status: EntryState,
+    /// Why it failed (with `failed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// The answer to a write (`200`/`202`), one entry per entry sent, in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriteAnswer {
+    /// The entries.
+    pub entries: Vec<EntryAnswer>,
+}
+
+/// `wait=` of a write.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Wait {
+    /// Answer once the entries are fsynced (the default).
+    #[default]
+    Durable,
+    /// Answer once they are delivered or failed, or at `timeout_ms`.
+    Delivered,
+}
+
+/// The query string of `POST /v1/{source}/entries`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriteParams {
+    /// What to wait for.
+    #[serde(default)]
+    pub wait: Wait,
+    /// How long `wait=delivered` may wait (default 5000, at most 60000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+/// The query string of `GET /v1/{source}/entries`. Times are RFC 3339 or Unix
+/// seconds, checked by the server.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadParams {
+    /// Only this subject.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    /// Full-text: every word must match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub q: Option<String>,
+    /// Accepted at or after.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    /// Accepted before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<String>,
+    /// Page size, 1-1000 (default 50).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+    /// A previous page's `next_cursor`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
+}
+
+/// An entry read back. `P` is the payload: `&RawValue` when the server writes
+/// it, `Box<RawValue>` when a client reads it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredEntry<P> {
+    /// Its id.
+    pub id: Uuid,
+    /// Its WAL position on the node that accepted it.
+    pub lsn: u64,
+    /// Its subject.
+    pub subject: Option<String>,
+    /// The entry as written (JSON).
+    pub payload: P,
+    /// When it was accepted (RFC 3339).
+    pub created_at: String,
+    /// `pending`, `delivered` or `failed` (reads by id only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+    /// Why it failed (`failed` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Attempts made (`failed` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<u32>,
+    /// When it was delivered (`delivered` only, RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivered_at: Option<String>,
+}
+
+/// A page of a read, newest first.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Page<P> {
+    /// The entries.
+    pub entries: Vec<StoredEntry<P>>,
+    /// Pass as `cursor` for the next page; `null` on the last.
+    pub next_cursor: Option<String>,
+}
+
+/// The query string of `GET /v1/admin/dead-letters`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetterParams {
+    /// Only this source's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// At most this many (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+}
+
+/// A dead letter (PERMANENT_FAILURE).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// The entry's id.
+    pub id: Uuid,
+    /// Its WAL position.
+    pub lsn: u64,
+    /// Its source.
+    pub source: String,
+    /// The destination that refused it.
+    pub destination: String,
+    /// Attempts made.
+    pub attempts: u32,
+    /// The last error.
+    pub reason: String,
+}
+
+/// `GET /v1/admin/dead-letters`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetters {
+    /// Oldest first.
+    pub dead_letters: Vec<DeadLetter>,
+}
+
+/// The body of `POST /v1/admin/dead-letters/{requeue,purge}`: exactly one of the two.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeadLetterSelect {
+    /// These entries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ids: Option<Vec<Uuid>>,
+    /// Every dead letter.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub all: bool,
+}
+
+/// The answer to a requeue or purge.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetterAnswer {
+    /// How many were requeued (requeue only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requeued: Option<usize>,
+    /// How many were purged (purge only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub purged: Option<usize>,
+    /// Which.
+    pub ids: Vec<Uuid>,
+    /// Asked-for ids that were not dead letters.
+    pub not_dead_letters: Vec<Uuid>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stored_payload_goes_out_verbatim() {
+        let raw: &RawValue = serde_json::from_str(r#"{"b": 1e400, "a":"\u00e9"}"#).unwrap();
+        let e = StoredEntry {
+            id: Uuid::nil(),
+            lsn: 7,
+            subject: None,
+            payload: raw,
+            created_at: "1970-01-01T00:00:00Z".into(),
+            status: None,
+            reason: None,
+            attempts: None,
+            delivered_at: None,
+        };
+        let out = serde_json::to_string(&e).unwrap();
+        assert!(
+            out.contains(r#""payload":{"b": 1e400, "a":"\u00e9"}"#),
+            "{out}"
+        );
+        let back: StoredEntry<Box<RawValue>> = serde_json::from_str(&out).unwrap();
+        assert_eq!(back.payload.get(), raw.get());
+    }
+
+    #[test]
+    fn states_and_waits_are_lowercase() {
+        assert_eq!(
+            serde_json::to_string(&EntryState::Durable).unwrap(),
+            r#""durable""#
+        );
+        let p: WriteParams = serde_json::from_str(r#"{"wait":"delivered"}"#).unwrap();
+        assert_eq!(p.wait, Wait::Delivered);
+    }
+}
