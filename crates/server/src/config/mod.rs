@@ -9,6 +9,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+mod text;
+
 /// A configuration error: exit code 2, with a message naming the key.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -277,36 +279,6 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     })
 }
 
-/// Replace every `env:NAME` string by the variable's value, naming the key when unset.
-fn resolve_env(v: &mut toml::Value, path: &str) -> Result<(), ConfigError> {
-    match v {
-        toml::Value::String(s) => {
-            if let Some(var) = s.strip_prefix("env:") {
-                *s = std::env::var(var).map_err(|_| {
-                    ConfigError(format!("{path}: environment variable {var} is not set"))
-                })?;
-            }
-        }
-        toml::Value::Table(t) => {
-            for (k, v) in t.iter_mut() {
-                let p = if path.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{path}.{k}")
-                };
-                resolve_env(v, &p)?;
-            }
-        }
-        toml::Value::Array(a) => {
-            for (i, v) in a.iter_mut().enumerate() {
-                resolve_env(v, &format!("{path}[{i}]"))?;
-            }
-        }
-        _ => {}
-    }
-    Ok(())
-}
-
 impl Config {
     /// The embedded default (`spool serve` without a config).
     pub fn embedded() -> Config {
@@ -320,26 +292,18 @@ impl Config {
         Self::parse(&text).map_err(|e| ConfigError(format!("{}: {}", path.display(), e.0)))
     }
 
-    /// Parse and check config text.
+    /// Parse and check config text. Errors name the line of `text` as written
+    /// and never show a value read from the environment.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let mut v: toml::Value =
-            toml::from_str(text).map_err(|e| ConfigError(e.to_string().trim().to_owned()))?;
-        resolve_env(&mut v, "")?;
-        // Via text again so errors carry the key's position and name.
-        let text = toml::to_string(&v).map_err(|e| ConfigError(e.to_string()))?;
-        let mut cfg: Config =
-            toml::from_str(&text).map_err(|e| ConfigError(e.to_string().trim().to_owned()))?;
+        let src = text::Resolved::new(text)?;
+        let mut cfg: Config = toml::from_str(&src.text).map_err(|e| src.describe(&e))?;
         // Unless set, a request may carry at most what a queue holds.
-        let explicit = v
-            .get("limits")
-            .and_then(|l| l.get("max_entries_per_request"))
-            .is_some();
-        if !explicit {
+        if !src.has("limits", "max_entries_per_request") {
             cfg.limits.max_entries_per_request =
                 cfg.limits.max_entries_per_request.min(cfg.queue.capacity);
         }
         let cfg = cfg.completed();
-        cfg.check()?;
+        cfg.check().map_err(|e| src.locate(e))?;
         Ok(cfg)
     }
 
@@ -634,6 +598,32 @@ mod tests {
             let e = Config::parse(text).unwrap_err().0;
             assert!(e.contains(needle), "{text:?}: {e}");
         }
+    }
+
+    /// Errors name the line as written (env: values are substituted in place,
+    /// the text is not re-serialized) and never print a value read from the
+    /// environment.
+    #[test]
+    fn errors_name_the_line_as_written_and_never_print_env_values() {
+        std::env::set_var("SPOOL_CFG_TEST_SECRET_SIZE", "hunter2-very-secret");
+        std::env::set_var("SPOOL_CFG_TEST_SECRET_TOKEN", "tok\"en-secret");
+        let text = "# spool\n\n[server]\nadmin_token = \"env:SPOOL_CFG_TEST_SECRET_TOKEN\"\nmax_body_bytes = \"env:SPOOL_CFG_TEST_SECRET_SIZE\"\n";
+        let e = Config::parse(text).unwrap_err().0;
+        assert!(!e.contains("hunter2"), "{e}");
+        assert!(e.starts_with("line 5:"), "{e}");
+        assert!(e.contains("env:SPOOL_CFG_TEST_SECRET_SIZE"), "{e}");
+        let text = "[server]\nadmin_token = \"env:SPOOL_CFG_TEST_SECRET_TOKEN\"\n\n\n[queue]\ncapacity = 10\n[limits]\nmax_entries_per_request = 20\nbogus = 1\n";
+        let e = Config::parse(text).unwrap_err().0;
+        assert!(e.starts_with("line 9:") && e.contains("bogus"), "{e}");
+        let text = text.replace("bogus = 1\n", "");
+        let e = Config::parse(&text).unwrap_err().0;
+        assert!(
+            e.starts_with("line 8:") && e.contains("queue.capacity"),
+            "{e}"
+        );
+        assert!(!e.contains("en-secret"), "{e}");
+        let c = Config::parse(&text.replace("20", "5")).unwrap();
+        assert_eq!(c.server.admin_token.as_deref(), Some("tok\"en-secret"));
     }
 
     #[test]

@@ -1,0 +1,169 @@
+//! The config file's text: `env:NAME` values substituted in place, so every
+//! line stays where it was written; errors name that line and show it as
+//! written (with `env:NAME`, never the value), and every value read from the
+//! environment is scrubbed from error messages.
+
+use super::ConfigError;
+
+pub(super) struct Resolved<'a> {
+    original: &'a str,
+    /// The text with `env:` values substituted, line for line.
+    pub text: String,
+    /// Values read from the environment: (NAME, value).
+    secrets: Vec<(String, String)>,
+    table: toml::Table,
+}
+
+impl<'a> Resolved<'a> {
+    pub fn new(original: &'a str) -> Result<Resolved<'a>, ConfigError> {
+        let plain = Resolved {
+            original,
+            text: original.to_owned(),
+            secrets: Vec::new(),
+            table: toml::Table::new(),
+        };
+        let table: toml::Table = toml::from_str(original).map_err(|e| plain.describe(&e))?;
+        let mut refs = Vec::new();
+        env_refs(&toml::Value::Table(table), "", &mut refs);
+        let mut secrets = Vec::new();
+        let mut text = original.to_owned();
+        for (path, name) in refs {
+            let value = std::env::var(&name).map_err(|_| {
+                plain.at(
+                    plain.line_of_text(&format!("env:{name}")),
+                    format!("{path}: environment variable {name} is not set"),
+                )
+            })?;
+            for quote in ['"', '\''] {
+                text = text.replace(&format!("{quote}env:{name}{quote}"), &basic_string(&value));
+            }
+            secrets.push((name, value));
+        }
+        let mut resolved = Resolved {
+            original,
+            text,
+            secrets,
+            table: toml::Table::new(),
+        };
+        resolved.table = toml::from_str(&resolved.text).map_err(|e| resolved.describe(&e))?;
+        let mut left = Vec::new();
+        env_refs(&toml::Value::Table(resolved.table.clone()), "", &mut left);
+        if let Some((path, name)) = left.first() {
+            return Err(resolved.at(
+                resolved.line_of_text(&format!("env:{name}")),
+                format!("{path}: write an env: reference as a one-line quoted string"),
+            ));
+        }
+        Ok(resolved)
+    }
+
+    /// Whether `[table] key` is written.
+    pub fn has(&self, table: &str, key: &str) -> bool {
+        self.table.get(table).and_then(|t| t.get(key)).is_some()
+    }
+
+    /// A TOML error, on the line as written.
+    pub fn describe(&self, e: &toml::de::Error) -> ConfigError {
+        let line = e.span().map(|s| {
+            self.text[..s.start.min(self.text.len())]
+                .matches('\n')
+                .count()
+                + 1
+        });
+        self.at(line, self.scrub(e.message().trim()))
+    }
+
+    /// A check's error, with the line of the first `table.key` it names that
+    /// the file writes.
+    pub fn locate(&self, e: ConfigError) -> ConfigError {
+        let msg = self.scrub(&e.0);
+        let line = msg
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '.'))
+            .filter_map(|w| w.split_once('.'))
+            .find_map(|(table, key)| self.line_of_key(table, key));
+        self.at(line, msg)
+    }
+
+    fn at(&self, line: Option<usize>, msg: String) -> ConfigError {
+        match line.and_then(|n| Some((n, self.original.lines().nth(n - 1)?))) {
+            Some((n, text)) => ConfigError(format!("line {n}: {msg}\n    {}", text.trim())),
+            None => ConfigError(msg),
+        }
+    }
+
+    fn scrub(&self, msg: &str) -> String {
+        self.secrets
+            .iter()
+            .filter(|(_, v)| v.len() >= 2)
+            .fold(msg.to_owned(), |m, (name, v)| {
+                m.replace(v, &format!("env:{name}"))
+            })
+    }
+
+    fn line_of_text(&self, needle: &str) -> Option<usize> {
+        self.original
+            .lines()
+            .position(|l| l.contains(needle))
+            .map(|i| i + 1)
+    }
+
+    /// The line of `key = …` under `[table]` or `[[table]]`.
+    fn line_of_key(&self, table: &str, key: &str) -> Option<usize> {
+        let mut current = "";
+        for (i, line) in self.original.lines().enumerate() {
+            let l = line.trim();
+            if let Some(h) = l.strip_prefix('[') {
+                current = h.trim_matches(|c| c == '[' || c == ']' || c == ' ');
+            } else if current == table
+                && l.strip_prefix(key)
+                    .is_some_and(|rest| rest.trim_start().starts_with('='))
+            {
+                return Some(i + 1);
+            }
+        }
+        None
+    }
+}
+
+/// Every string value `env:NAME` under `v`: (key path, NAME).
+fn env_refs(v: &toml::Value, path: &str, out: &mut Vec<(String, String)>) {
+    match v {
+        toml::Value::String(s) => {
+            if let Some(name) = s.strip_prefix("env:") {
+                out.push((path.to_owned(), name.to_owned()));
+            }
+        }
+        toml::Value::Table(t) => {
+            for (k, v) in t {
+                let p = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                env_refs(v, &p, out);
+            }
+        }
+        toml::Value::Array(a) => {
+            for (i, v) in a.iter().enumerate() {
+                env_refs(v, &format!("{path}[{i}]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// `value` as a one-line TOML basic string.
+fn basic_string(value: &str) -> String {
+    let mut out = String::with_capacity(value.len() + 2);
+    out.push('"');
+    for c in value.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
