@@ -106,13 +106,13 @@ pub(crate) async fn read(
     let Query(p) = q.map_err(bad_query)?;
     let limit = match p.limit {
         None => spool_destination::DEFAULT_LIMIT,
-        Some(n @ 1..=spool_destination::MAX_LIMIT) => n,
-        Some(n) => {
+        Some(0) => {
             return Err(ApiError::bad(
                 "invalid_request",
-                format!("limit must be 1-{}, got {n}", spool_destination::MAX_LIMIT),
+                format!("limit must be 1-{}, got 0", spool_destination::MAX_LIMIT),
             ))
         }
+        Some(n) => n.min(spool_destination::MAX_LIMIT),
     };
     let query = DestQuery {
         source: source.clone(),
