@@ -5,7 +5,7 @@ FUZZ_SECONDS ?= 600
 BENCH_DIR ?= $(CURDIR)/target/bench-data
 BENCH_SECONDS ?= 5
 
-.PHONY: run test lint unit chaos api-check bench bench-http bench-client bench-peers bench-sustained fuzz fuzz-smoke clean
+.PHONY: run test lint unit chaos api-check bench bench-http bench-client bench-peers bench-sustained fuzz fuzz-body fuzz-smoke clean
 
 ## run: build release and serve the embedded default (./spool-data, SQLite, 127.0.0.1:7070)
 run:
@@ -74,6 +74,11 @@ bench-peers:
 bench-sustained:
 	$(CARGO) build --release --locked -p spool-bench -p spool-server
 	bench/sustained.py --seconds $(BENCH_SECONDS)
+
+## fuzz-body: libFuzzer on the write body parser (gzip, prescan, split, per-entry checks) for FUZZ_SECONDS
+fuzz-body:
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	cd crates/server/fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run write_body corpus/write_body -- -max_total_time=$(FUZZ_SECONDS) -max_len=16384 -rss_limit_mb=2048
 
 ## fuzz: libFuzzer on the WAL decoder and recovery for FUZZ_SECONDS (cargo-fuzz on stable)
 fuzz:

@@ -338,3 +338,103 @@ async fn browser_requests_cannot_write_the_open_default() {
         .await;
     assert_eq!(status, StatusCode::ACCEPTED);
 }
+
+/// A door whose config adds `server` keys.
+fn door_with(server_keys: &str) -> Door {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = Config::parse(&format!(
+        "[server]\n{server_keys}\n[wal]\ndir = \"{}\"\nmin_free_bytes = 0\n",
+        dir.path().join("wal").display()
+    ))
+    .unwrap();
+    let app = spool_server::wire(cfg).unwrap();
+    let router = spool_server::http::router(app.clone());
+    Door {
+        app,
+        router,
+        _dir: dir,
+    }
+}
+
+/// A write whose body arrives only when the returned sender says so.
+fn trickling_write() -> (
+    Request<Body>,
+    tokio::sync::mpsc::Sender<Result<Vec<u8>, std::io::Error>>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+    let req = Request::post("/v1/default/entries")
+        .header("content-type", "application/json")
+        .body(Body::from_stream(stream))
+        .unwrap();
+    (req, tx)
+}
+
+/// `server.max_in_flight` requests at once; the next gets 503 `overloaded`
+/// with Retry-After, while probes still answer.
+#[tokio::test]
+async fn requests_past_max_in_flight_are_overloaded() {
+    let door = door_with("max_in_flight = 1");
+    let (req, tx) = trickling_write();
+    let slow = tokio::spawn(door.router.clone().oneshot(req));
+    // Wait until the slow request holds the only slot.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while door.app.in_flight() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slow write never started"
+        );
+        tokio::task::yield_now().await;
+    }
+    let (status, v) = door.post("/v1/default/entries", r#"{"a":1}"#).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert_eq!(v["error"], "overloaded");
+    assert_eq!(v["retry_after_seconds"], 1);
+    assert_eq!(get(&door, "/healthz").await.0, StatusCode::OK);
+    tx.send(Ok(br#"{"slow":true}"#.to_vec())).await.unwrap();
+    drop(tx);
+    assert_eq!(slow.await.unwrap().unwrap().status(), StatusCode::ACCEPTED);
+}
+
+/// A body that does not arrive within `server.body_timeout` is 408
+/// `request_timeout`, and nothing is written.
+#[tokio::test(start_paused = true)]
+async fn a_body_slower_than_body_timeout_is_408() {
+    let door = door_with("body_timeout = \"2s\"");
+    let before = door.last_lsn();
+    let (req, tx) = trickling_write();
+    tx.send(Ok(b"[{\"a\":".to_vec())).await.unwrap();
+    let (status, v) = door.send(req).await;
+    assert_eq!(status, StatusCode::REQUEST_TIMEOUT, "{v}");
+    assert_eq!(v["error"], "request_timeout");
+    assert_eq!(door.last_lsn(), before);
+    drop(tx);
+}
+
+/// A scraper that asks for `text/plain` (Prometheus) gets format 0.0.4; one
+/// that asks for OpenMetrics gets OpenMetrics (with its `# EOF`).
+#[tokio::test]
+async fn metrics_answer_the_format_the_scraper_asks_for() {
+    let door = Door::start(None);
+    let scrape = |accept: &'static str| {
+        let router = door.router.clone();
+        async move {
+            let req = Request::get("/metrics")
+                .header("accept", accept)
+                .body(Body::empty())
+                .unwrap();
+            let resp = router.oneshot(req).await.unwrap();
+            let ct = resp.headers()["content-type"].to_str().unwrap().to_owned();
+            let body = axum::body::to_bytes(resp.into_body(), usize::MAX)
+                .await
+                .unwrap();
+            (ct, String::from_utf8(body.to_vec()).unwrap())
+        }
+    };
+    let (ct, text) = scrape("text/plain;version=0.0.4;q=0.5,*/*;q=0.1").await;
+    assert!(ct.starts_with("text/plain; version=0.0.4"), "{ct}");
+    assert!(!text.contains("# EOF") && text.contains("spool_wal_bytes"));
+    let (ct, text) = scrape("application/openmetrics-text;version=1.0.0").await;
+    assert!(ct.starts_with("application/openmetrics-text"), "{ct}");
+    assert!(text.trim_end().ends_with("# EOF"));
+}

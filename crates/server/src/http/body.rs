@@ -1,7 +1,102 @@
 //! Reading a write's body: bounded, gzip, the linear prescan, splitting into
-//! entries, per-entry fields.
+//! entries, per-entry checks ([`parse_entries`], also the fuzz target's entry).
 
 use super::*;
+
+/// What a write body must satisfy.
+#[derive(Debug, Clone)]
+pub struct BodyRules {
+    /// NDJSON (else one JSON object or an array of them).
+    pub ndjson: bool,
+    /// `limits.max_entries_per_request`.
+    pub max_entries: usize,
+    /// `limits.max_entry_bytes`.
+    pub max_entry_bytes: u64,
+    /// The destination refuses NUL in text (Postgres).
+    pub no_nul: bool,
+    /// The `Idempotency-Key` header (one-entry requests only).
+    pub header_key: Option<String>,
+}
+
+/// One entry of a write, checked: its destination can store it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParsedEntry {
+    /// Top-level `subject`.
+    pub subject: Option<String>,
+    /// Top-level `idempotency_key`, or the header's.
+    pub idempotency_key: Option<String>,
+    /// The entry's JSON text, verbatim.
+    pub payload: Vec<u8>,
+}
+
+/// A decoded write body into its entries, each checked by the rules of the
+/// destination in one streaming pass (nothing answered 202 can become a dead
+/// letter for its content). All or nothing: the first bad entry refuses the
+/// request (400 `invalid_json` / `invalid_entry` / `invalid_request`, 413).
+pub fn parse_entries(body: &[u8], rules: &BodyRules) -> Result<Vec<ParsedEntry>, ApiError> {
+    let raws = split_entries(body, rules.ndjson, rules.max_entries)?;
+    if raws.is_empty() {
+        return Err(ApiError::bad(
+            "invalid_entry",
+            "the request holds no entries",
+        ));
+    }
+    let header_key = rules.header_key.as_ref();
+    if header_key.is_some() && raws.len() != 1 {
+        return Err(ApiError::bad(
+            "invalid_request",
+            "the Idempotency-Key header is for one-entry requests; put `idempotency_key` in each entry",
+        ));
+    }
+    if header_key.is_some_and(|k| k.is_empty() || k.len() > MAX_FIELD_BYTES) {
+        return Err(ApiError::bad(
+            "invalid_request",
+            format!("Idempotency-Key must be 1-{MAX_FIELD_BYTES} bytes"),
+        ));
+    }
+    let mut entries = Vec::with_capacity(raws.len());
+    for (raw, at) in raws {
+        let text = raw.get();
+        if text.len() as u64 > rules.max_entry_bytes {
+            return Err(ApiError::too_large(format!(
+                "{at} is {} bytes; limits.max_entry_bytes is {}",
+                text.len(),
+                rules.max_entry_bytes
+            )));
+        }
+        if !text.starts_with('{') {
+            return Err(ApiError::bad(
+                "invalid_entry",
+                format!("{at}: an entry must be a JSON object"),
+            ));
+        }
+        let invalid = |e: spool_destination::InvalidEntry| {
+            ApiError::bad("invalid_entry", format!("{at}: {e}"))
+        };
+        let fields =
+            spool_destination::check_payload(text.as_bytes(), rules.no_nul).map_err(invalid)?;
+        let subject = string_field(fields.subject, "subject", &at)?;
+        let key = string_field(fields.idempotency_key, "idempotency_key", &at)?
+            .or_else(|| header_key.cloned());
+        if key.as_deref() == Some("") {
+            return Err(ApiError::bad(
+                "invalid_entry",
+                format!("{at}: `idempotency_key` must not be empty"),
+            ));
+        }
+        spool_destination::check_text("subject", subject.as_deref(), rules.no_nul)
+            .and_then(|()| {
+                spool_destination::check_text("idempotency_key", key.as_deref(), rules.no_nul)
+            })
+            .map_err(invalid)?;
+        entries.push(ParsedEntry {
+            subject,
+            idempotency_key: key,
+            payload: text.as_bytes().to_vec(),
+        });
+    }
+    Ok(entries)
+}
 
 /// `Some(string)` / `None` for a JSON string / null-or-absent field, else an error.
 pub(crate) fn string_field(v: Field, name: &str, at: &str) -> ApiResult<Option<String>> {
@@ -186,7 +281,7 @@ pub(crate) async fn read_body(
 /// Decode a gzip body: every member (`cat a.gz b.gz` is one valid gzip
 /// stream), bounded by `limit`; anything after the last member that is not a
 /// member (trailing garbage) is an error — never a body silently cut short.
-pub(crate) fn gunzip(raw: &[u8], limit: u64) -> ApiResult<Vec<u8>> {
+pub fn gunzip(raw: &[u8], limit: u64) -> ApiResult<Vec<u8>> {
     let mut out = Vec::new();
     let mut dec = flate2::read::MultiGzDecoder::new(raw).take(limit + 1);
     dec.read_to_end(&mut out)

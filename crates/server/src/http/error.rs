@@ -25,6 +25,14 @@ impl ApiError {
             retry_after: None,
         }
     }
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+    /// The error code (`invalid_entry`, ...).
+    pub fn code(&self) -> &'static str {
+        self.code
+    }
     pub(crate) fn retry(mut self, secs: u64) -> ApiError {
         self.retry_after = Some(secs.max(1));
         self

@@ -60,14 +60,6 @@ pub(crate) async fn write(
         app.cfg.server.body_timeout,
     )
     .await?;
-    let limits = &app.cfg.limits;
-    let raws = split_entries(&body, ndjson, limits.max_entries_per_request)?;
-    if raws.is_empty() {
-        return Err(ApiError::bad(
-            "invalid_entry",
-            "the request holds no entries",
-        ));
-    }
     let header_key = headers
         .get("idempotency-key")
         .map(|v| {
@@ -76,71 +68,26 @@ pub(crate) async fn write(
             })
         })
         .transpose()?;
-    if header_key.is_some() && raws.len() != 1 {
-        return Err(ApiError::bad(
-            "invalid_request",
-            "the Idempotency-Key header is for one-entry requests; put `idempotency_key` in each entry",
-        ));
-    }
-    if header_key
-        .as_ref()
-        .is_some_and(|k| k.is_empty() || k.len() > MAX_FIELD_BYTES)
-    {
-        return Err(ApiError::bad(
-            "invalid_request",
-            format!("Idempotency-Key must be 1-{MAX_FIELD_BYTES} bytes"),
-        ));
-    }
+    let rules = BodyRules {
+        ndjson,
+        max_entries: app.cfg.limits.max_entries_per_request,
+        max_entry_bytes: app.cfg.limits.max_entry_bytes,
+        no_nul: src.no_nul,
+        header_key,
+    };
     let now = spool_wal::now_us();
-    let mut entries = Vec::with_capacity(raws.len());
-    for (raw, at) in raws {
-        let text = raw.get();
-        if text.len() as u64 > limits.max_entry_bytes {
-            return Err(ApiError::too_large(format!(
-                "{at} is {} bytes; limits.max_entry_bytes is {}",
-                text.len(),
-                limits.max_entry_bytes
-            )));
-        }
-        if !text.starts_with('{') {
-            return Err(ApiError::bad(
-                "invalid_entry",
-                format!("{at}: an entry must be a JSON object"),
-            ));
-        }
-        // One pass: what the destination can store (nothing answered 202 can
-        // become a dead letter for its content), and the fields we read.
-        let invalid = |e: spool_destination::InvalidEntry| {
-            ApiError::bad("invalid_entry", format!("{at}: {e}"))
-        };
-        let fields =
-            spool_destination::check_payload(text.as_bytes(), src.no_nul).map_err(invalid)?;
-        let subject = string_field(fields.subject, "subject", &at)?;
-        let key =
-            string_field(fields.idempotency_key, "idempotency_key", &at)?.or(header_key.clone());
-        if key.as_deref() == Some("") {
-            return Err(ApiError::bad(
-                "invalid_entry",
-                format!("{at}: `idempotency_key` must not be empty"),
-            ));
-        }
-        spool_destination::check_text("subject", subject.as_deref(), src.no_nul)
-            .and_then(|()| {
-                spool_destination::check_text("idempotency_key", key.as_deref(), src.no_nul)
-            })
-            .map_err(invalid)?;
-        entries.push(Entry {
+    let entries: Vec<Entry> = parse_entries(&body, &rules)?
+        .into_iter()
+        .map(|p| Entry {
             id: Uuid::now_v7(),
             source: source.clone(),
             destination: src.destination.clone(),
-            subject,
-            idempotency_key: key,
+            subject: p.subject,
+            idempotency_key: p.idempotency_key,
             accepted_at_us: now,
-            payload: text.as_bytes().to_vec(),
-        });
-    }
-    // The entries own copies of their text: the body goes before any waiting
-    // (wait=delivered may hold this request for up to a minute).
+            payload: p.payload,
+        })
+        .collect();
     drop(body);
     if let Some(l) = &src.limiter {
         l.lock()

@@ -21,6 +21,7 @@ mod ingest;
 mod probes;
 mod read;
 
+pub use body::{gunzip, parse_entries, BodyRules, ParsedEntry};
 pub use error::ApiError;
 
 use crate::config::Config;
@@ -148,6 +149,11 @@ impl App {
             closing: AtomicBool::new(false),
             started: Instant::now(),
         }
+    }
+
+    /// Requests being handled now (probes past `server.max_in_flight` aside).
+    pub fn in_flight(&self) -> usize {
+        self.cfg.server.max_in_flight - self.in_flight.available_permits()
     }
 }
 
