@@ -729,6 +729,7 @@ impl Inner {
                         EntryState::Durable => "durable",
                         EntryState::Delivered => "delivered",
                         EntryState::Failed => "failed",
+                        EntryState::Unknown => "unknown",
                     };
                     item.settle(
                         self,

@@ -68,10 +68,13 @@ const MIGRATIONS: &[&str] = &[
     // 3: full-text words computed by spool (crate::words), independent of the
     // server's parser and locale. Rows already stored get theirs from
     // `backfill_words` in the same transaction, then the index is built.
+    // A row without words (written by an older node after this migration)
+    // is found through spool_entries_unworded and indexed at the next start.
     r#"
     LOCK TABLE spool_entries IN SHARE ROW EXCLUSIVE MODE;
     DROP INDEX spool_entries_fts;
     ALTER TABLE spool_entries ADD COLUMN words tsvector;
+    CREATE INDEX spool_entries_unworded ON spool_entries (id) WHERE words IS NULL;
     "#,
 ];
 
@@ -172,9 +175,12 @@ impl PostgresDestination {
 
     async fn migrate(&self) -> Result<()> {
         let mut tx = self.pool.begin().await.map_err(|e| self.err(e))?;
-        tx.execute("SET LOCAL statement_timeout = 0")
-            .await
-            .map_err(|e| self.err(e))?;
+        // Computing words between statements leaves the transaction idle.
+        tx.execute(
+            "SET LOCAL statement_timeout = 0; SET LOCAL idle_in_transaction_session_timeout = 0",
+        )
+        .await
+        .map_err(|e| self.err(e))?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(MIGRATION_LOCK)
             .execute(&mut *tx)
@@ -200,6 +206,9 @@ impl PostgresDestination {
             tx.execute(*m).await.map_err(|e| self.err(e))?;
             if i + 1 == WORDS_MIGRATION {
                 backfill_words(&mut tx).await.map_err(|e| self.err(e))?;
+                tx.execute("CREATE INDEX spool_entries_words ON spool_entries USING gin (words)")
+                    .await
+                    .map_err(|e| self.err(e))?;
             }
             sqlx::query("INSERT INTO spool_schema (version) VALUES ($1)")
                 .bind(i as i32 + 1)
@@ -207,6 +216,9 @@ impl PostgresDestination {
                 .await
                 .map_err(|e| self.err(e))?;
             tracing::info!(destination = %self.name, version = i + 1, "migrated Postgres schema");
+        }
+        if found >= WORDS_MIGRATION as i64 {
+            backfill_words(&mut tx).await.map_err(|e| self.err(e))?;
         }
         tx.commit().await.map_err(|e| self.err(e))
     }
@@ -229,17 +241,23 @@ impl PostgresDestination {
     }
 }
 
-/// Compute the words of every row stored before migration 3, then index them.
+/// Compute the words of every row without them: all rows stored before
+/// migration 3, and later any row an older node wrote (found through the
+/// partial index `spool_entries_unworded`). In id order, 1,000 rows at a time.
 async fn backfill_words(conn: &mut sqlx::PgConnection) -> sqlx::Result<()> {
+    let mut after = Uuid::nil();
     loop {
         let rows: Vec<(Uuid, String)> = sqlx::query_as(
-            "SELECT id, payload::text FROM spool_entries WHERE words IS NULL LIMIT 1000",
+            "SELECT id, payload::text FROM spool_entries \
+              WHERE words IS NULL AND id > $1 ORDER BY id LIMIT 1000",
         )
+        .bind(after)
         .fetch_all(&mut *conn)
         .await?;
-        if rows.is_empty() {
-            break;
-        }
+        let Some(&(last, _)) = rows.last() else {
+            return Ok(());
+        };
+        after = last;
         let (ids, words): (Vec<Uuid>, Vec<String>) = rows
             .into_iter()
             .map(|(id, p)| (id, payload_words(p.as_bytes())))
@@ -253,9 +271,6 @@ async fn backfill_words(conn: &mut sqlx::PgConnection) -> sqlx::Result<()> {
         .execute(&mut *conn)
         .await?;
     }
-    conn.execute("CREATE INDEX spool_entries_words ON spool_entries USING gin (words)")
-        .await
-        .map(drop)
 }
 
 #[async_trait]
@@ -376,12 +391,17 @@ impl Destination for PostgresDestination {
         let found: Vec<(Uuid, i64)> = self.run(qb.build_query_as().fetch_all(&self.pool)).await?;
         let (ids, lens): (Vec<Uuid>, Vec<i64>) = found.into_iter().unzip();
         let n = fitting(&lens, q.max_bytes);
-        let sql = format!("{SELECT} WHERE id = ANY($1) ORDER BY created_at DESC, id DESC");
+        let sql = format!(
+            "{SELECT} WHERE source = $1 AND id = ANY($2) ORDER BY created_at DESC, id DESC"
+        );
         let entries = if n == 0 {
             Vec::new()
         } else {
             self.run(async {
-                let mut rows = sqlx::query(&sql).bind(&ids[..n]).fetch(&self.pool);
+                let mut rows = sqlx::query(&sql)
+                    .bind(q.source.as_str())
+                    .bind(&ids[..n])
+                    .fetch(&self.pool);
                 let mut entries = Vec::with_capacity(n);
                 while let Some(r) = rows.try_next().await? {
                     entries.push(self.row(&r));

@@ -378,9 +378,11 @@ impl Destination for SqliteDestination {
             .map_err(|e| self.err(e))?;
         let (rowids, lens): (Vec<i64>, Vec<i64>) = found.into_iter().unzip();
         let n = fitting(&lens, q.max_bytes);
+        // A rowid is reused after a delete: the source is checked again.
         let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(format!(
-            "SELECT {COLUMNS} FROM spool_entries WHERE rowid IN ("
+            "SELECT {COLUMNS} FROM spool_entries WHERE source = "
         ));
+        qb.push_bind(q.source.as_str()).push(" AND rowid IN (");
         let mut list = qb.separated(", ");
         for r in &rowids[..n] {
             list.push_bind(*r);

@@ -102,11 +102,12 @@ impl Sink {
             if self.out.len() + w.len() + 1 > MAX_INDEXED_BYTES {
                 return;
             }
-            if self.seen.insert(w.clone()) {
+            if !self.seen.contains(&w) {
                 if !self.out.is_empty() {
                     self.out.push(' ');
                 }
                 self.out.push_str(&w);
+                self.seen.insert(w);
             }
         }
     }

@@ -409,6 +409,17 @@ async fn the_key_and_words_migrations_keep_the_first_copy_and_index_old_rows() {
         )
         .await;
     }
+    // More rows than one backfill batch, and one with no strings at all.
+    exec(
+        &url,
+        "INSERT INTO spool_entries (id, lsn, source, payload, created_at) \
+         SELECT gen_random_uuid(), 100 + i, 'bulk', jsonb_build_object('t', 'bulk' || i), \
+                timestamptz 'epoch' + i * interval '1 microsecond' \
+           FROM generate_series(1, 2500) i; \
+         INSERT INTO spool_entries (id, lsn, source, payload, created_at) \
+         VALUES (gen_random_uuid(), 99, 'bulk', '{\"n\": 1}', now())",
+    )
+    .await;
     let again =
         PostgresDestination::open("main", &url, Some(1), spool_destination::DEFAULT_TIMEOUT)
             .unwrap();
@@ -433,6 +444,36 @@ async fn the_key_and_words_migrations_keep_the_first_copy_and_index_old_rows() {
             .unwrap();
         assert_eq!(found.entries.len(), 1, "{word}");
     }
+    let search = |source: &str, w: &str| Query {
+        source: source.into(),
+        q: Some(w.into()),
+        ..Default::default()
+    };
+    for word in ["bulk1", "bulk1001", "bulk2500"] {
+        let found = again.query(&search("bulk", word)).await.unwrap();
+        assert_eq!(found.entries.len(), 1, "{word}");
+    }
+    let unworded: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM spool_entries WHERE words IS NULL")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(unworded, 0);
+    // A node of the previous version, still running, stores a row without
+    // words: the next start of this version indexes it.
+    again.close().await;
+    exec(
+        &url,
+        "INSERT INTO spool_entries (id, lsn, source, payload, created_at) \
+         VALUES (gen_random_uuid(), 5000, 'old', '{\"t\": \"straggler\"}', now())",
+    )
+    .await;
+    let third =
+        PostgresDestination::open("main", &url, Some(1), spool_destination::DEFAULT_TIMEOUT)
+            .unwrap();
+    third.health().await.unwrap();
+    let found = third.query(&search("old", "straggler")).await.unwrap();
+    assert_eq!(found.entries.len(), 1);
 }
 
 #[tokio::test]
@@ -448,4 +489,9 @@ async fn crafted_queries() {
 #[tokio::test]
 async fn pages_bounded_by_bytes() {
     pages_are_bounded_by_bytes(fresh().await).await;
+}
+
+#[tokio::test]
+async fn a_redelivered_mixed_batch_indexes_new_rows_by_their_own_words() {
+    a_batch_of_old_and_new_rows_indexes_each_new_row_by_its_own_words(fresh().await).await;
 }

@@ -190,6 +190,18 @@ async fn the_key_and_words_migrations_keep_the_first_copy_and_index_old_rows() {
         .await
         .unwrap();
     }
+    // More rows than one backfill batch, and one with no strings at all.
+    sqlx::raw_sql(
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2500) \
+         INSERT INTO spool_entries (id, lsn, source, payload, created_at, delivered_at) \
+         SELECT lower(hex(randomblob(16))), 100 + i, 'bulk', json_object('t', 'bulk' || i), i, 0 \
+           FROM n; \
+         INSERT INTO spool_entries (id, lsn, source, payload, created_at, delivered_at) \
+         VALUES (lower(hex(randomblob(16))), 99, 'bulk', '{\"n\": 1}', 0, 0);",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
     let again = SqliteDestination::open(
         "main",
         &path,
@@ -198,6 +210,17 @@ async fn the_key_and_words_migrations_keep_the_first_copy_and_index_old_rows() {
     )
     .unwrap();
     again.health().await.unwrap();
+    for word in ["bulk1", "bulk1001", "bulk2500"] {
+        let found = again
+            .query(&Query {
+                source: "bulk".into(),
+                q: Some(word.into()),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(found.entries.len(), 1, "{word}");
+    }
     assert!(again.get("s", first.entry.id).await.unwrap().is_some());
     assert!(again.get("s", later.entry.id).await.unwrap().is_none());
     let displaced: Vec<String> = sqlx::query_scalar("SELECT id FROM spool_entries_displaced")
@@ -241,4 +264,10 @@ async fn crafted_queries() {
 async fn pages_bounded_by_bytes() {
     let (_t, d) = fresh().await;
     pages_are_bounded_by_bytes(d).await;
+}
+
+#[tokio::test]
+async fn a_redelivered_mixed_batch_indexes_new_rows_by_their_own_words() {
+    let (_t, d) = fresh().await;
+    a_batch_of_old_and_new_rows_indexes_each_new_row_by_its_own_words(d).await;
 }

@@ -36,6 +36,10 @@ pub enum EntryState {
     Delivered,
     /// A dead letter (see `reason`).
     Failed,
+    /// A state this client does not know (from a newer server): reading an
+    /// answer never fails on one.
+    #[serde(other)]
+    Unknown,
 }
 
 /// One entry of a write answer.

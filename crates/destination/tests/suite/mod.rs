@@ -506,3 +506,49 @@ pub async fn pages_are_bounded_by_bytes(d: Dest) {
     assert_eq!(page.entries.len(), 1, "the first entry always fits");
     assert!(page.next_cursor.is_some());
 }
+
+/// A redelivered batch mixing rows already stored, a copy of a key and new
+/// rows indexes each new row by its own words (none by another row's).
+pub async fn a_batch_of_old_and_new_rows_indexes_each_new_row_by_its_own_words(d: Dest) {
+    let row = |lsn: u64, key: Option<&str>| {
+        let mut le = logged(
+            lsn,
+            "mix",
+            None,
+            &format!(r#"{{"t":"word{lsn}"}}"#),
+            lsn as i64,
+        );
+        le.entry.idempotency_key = key.map(str::to_owned);
+        le
+    };
+    let first = vec![row(1, None), row(2, Some("k"))];
+    d.write_batch(&first).await.unwrap();
+    let second = vec![
+        row(3, None),
+        first[0].clone(),
+        row(4, Some("k")),
+        row(5, None),
+        first[1].clone(),
+        row(6, None),
+    ];
+    assert_eq!(d.write_batch(&second).await.unwrap(), 3);
+    let expect = [
+        (1, true),
+        (2, true),
+        (3, true),
+        (4, false),
+        (5, true),
+        (6, true),
+    ];
+    for (lsn, stored) in expect {
+        let found = d
+            .query(&Query {
+                q: Some(format!("word{lsn}")),
+                ..q("mix")
+            })
+            .await
+            .unwrap();
+        let lsns: Vec<u64> = found.entries.iter().map(|e| e.lsn).collect();
+        assert_eq!(lsns, if stored { vec![lsn] } else { vec![] }, "word{lsn}");
+    }
+}

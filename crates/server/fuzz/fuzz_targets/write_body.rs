@@ -2,7 +2,9 @@
 //! split into entries, and each entry's check by a destination's rules.
 //! Properties: never a panic, a hang or a 5xx; an accepted body's entries are
 //! at most the limit, each a JSON object the destination can store, whose
-//! fields are what the parser said.
+//! fields are what the parser said; its indexed words are each non-empty, at
+//! most `MAX_WORD_BYTES`, free of whitespace and control characters, distinct,
+//! and at most `MAX_INDEXED_BYTES` in all.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -47,6 +49,14 @@ fuzz_target!(|data: &[u8]| {
                     (spool_destination::Field::Text(s), Some(t)) => assert_eq!(&s, t),
                     (spool_destination::Field::Absent, None) => {}
                     other => panic!("subject {other:?}"),
+                }
+                let words = spool_destination::payload_words(&e.payload);
+                assert!(words.len() <= spool_destination::MAX_INDEXED_BYTES);
+                let mut seen = std::collections::HashSet::new();
+                for w in words.split(' ').filter(|_| !words.is_empty()) {
+                    assert!(!w.is_empty() && w.len() <= spool_destination::MAX_WORD_BYTES, "{w:?}");
+                    assert!(!w.chars().any(|c| c.is_whitespace() || c.is_control()), "{w:?}");
+                    assert!(seen.insert(w), "{w:?} twice");
                 }
                 if rules.no_nul {
                     assert!(!e.subject.unwrap_or_default().contains('\0'));

@@ -389,6 +389,12 @@ impl Config {
         if self.server.header_timeout.is_zero() || self.server.body_timeout.is_zero() {
             return bad("server.header_timeout and server.body_timeout must be above zero".into());
         }
+        if self.limits.max_read_bytes == 0 {
+            return bad(
+                "limits.max_read_bytes must be at least 1 (a page always holds its first entry)"
+                    .into(),
+            );
+        }
         if self.limits.max_entries_per_request > self.queue.capacity {
             return bad(format!(
                 "limits.max_entries_per_request ({}) is above queue.capacity ({}): such a request could never be accepted",
@@ -624,6 +630,41 @@ mod tests {
         assert!(!e.contains("en-secret"), "{e}");
         let c = Config::parse(&text.replace("20", "5")).unwrap();
         assert_eq!(c.server.admin_token.as_deref(), Some("tok\"en-secret"));
+    }
+
+    #[test]
+    fn an_env_value_is_substituted_once_and_taken_literally() {
+        std::env::set_var(
+            "SPOOL_CFG_TEST_OUTER",
+            "pre\"env:SPOOL_CFG_TEST_INNER\"post",
+        );
+        std::env::set_var("SPOOL_CFG_TEST_INNER", "inner-secret");
+        let text = "# admin_token = \"env:SPOOL_CFG_TEST_INNER\" was the old way\n[server]\nadmin_token = \"env:SPOOL_CFG_TEST_OUTER\"\n\n[[source]]\nname = \"a\"\ntoken = \"env:SPOOL_CFG_TEST_INNER\"\n";
+        let c = Config::parse(text).unwrap();
+        assert_eq!(
+            c.server.admin_token.as_deref(),
+            Some("pre\"env:SPOOL_CFG_TEST_INNER\"post")
+        );
+        assert_eq!(c.sources[0].token.as_deref(), Some("inner-secret"));
+        std::env::remove_var("SPOOL_CFG_TEST_MISSING");
+        let e = Config::parse(&text.replace("_INNER\"\n", "_MISSING\"\n"))
+            .unwrap_err()
+            .0;
+        assert!(
+            e.starts_with("line 7:") && e.contains("SPOOL_CFG_TEST_MISSING"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_zero_read_page_is_refused() {
+        let e = Config::parse("[limits]\nmax_read_bytes = 0\n")
+            .unwrap_err()
+            .0;
+        assert!(
+            e.starts_with("line 2:") && e.contains("max_read_bytes"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -26,19 +26,18 @@ impl<'a> Resolved<'a> {
         let mut refs = Vec::new();
         env_refs(&toml::Value::Table(table), "", &mut refs);
         let mut secrets = Vec::new();
-        let mut text = original.to_owned();
         for (path, name) in refs {
             let value = std::env::var(&name).map_err(|_| {
                 plain.at(
-                    plain.line_of_text(&format!("env:{name}")),
+                    plain.line_of_ref(&name),
                     format!("{path}: environment variable {name} is not set"),
                 )
             })?;
-            for quote in ['"', '\''] {
-                text = text.replace(&format!("{quote}env:{name}{quote}"), &basic_string(&value));
-            }
             secrets.push((name, value));
         }
+        let text = substitute(original, &secrets);
+        // Longest first, so a value inside another is never scrubbed half.
+        secrets.sort_by_key(|(_, v)| std::cmp::Reverse(v.len()));
         let mut resolved = Resolved {
             original,
             text,
@@ -50,7 +49,7 @@ impl<'a> Resolved<'a> {
         env_refs(&toml::Value::Table(resolved.table.clone()), "", &mut left);
         if let Some((path, name)) = left.first() {
             return Err(resolved.at(
-                resolved.line_of_text(&format!("env:{name}")),
+                resolved.line_of_ref(name),
                 format!("{path}: write an env: reference as a one-line quoted string"),
             ));
         }
@@ -91,19 +90,28 @@ impl<'a> Resolved<'a> {
         }
     }
 
+    /// `msg` with every value read from the environment — as is, and as TOML
+    /// or Rust would escape it — replaced by its `env:NAME`.
     fn scrub(&self, msg: &str) -> String {
-        self.secrets
-            .iter()
-            .filter(|(_, v)| v.len() >= 2)
-            .fold(msg.to_owned(), |m, (name, v)| {
-                m.replace(v, &format!("env:{name}"))
-            })
+        let mut m = msg.to_owned();
+        for (name, v) in self.secrets.iter().filter(|(_, v)| v.len() >= 2) {
+            let toml = basic_string(v);
+            let debug = format!("{v:?}");
+            for form in [&toml[1..toml.len() - 1], &debug[1..debug.len() - 1], v] {
+                m = m.replace(form, &format!("env:{name}"));
+            }
+        }
+        m
     }
 
-    fn line_of_text(&self, needle: &str) -> Option<usize> {
+    /// The first line, not a comment, that writes `"env:NAME"` (or single-quoted).
+    fn line_of_ref(&self, name: &str) -> Option<usize> {
+        let (double, single) = (format!("\"env:{name}\""), format!("'env:{name}'"));
         self.original
             .lines()
-            .position(|l| l.contains(needle))
+            .position(|l| {
+                !l.trim_start().starts_with('#') && (l.contains(&double) || l.contains(&single))
+            })
             .map(|i| i + 1)
     }
 
@@ -150,6 +158,39 @@ fn env_refs(v: &toml::Value, path: &str, out: &mut Vec<(String, String)>) {
         }
         _ => {}
     }
+}
+
+/// `text` with each quoted `env:NAME` that names one of `values` replaced by
+/// its value as a TOML basic string, in one pass (a value that itself holds
+/// `"env:OTHER"` is never substituted again).
+fn substitute(text: &str, values: &[(String, String)]) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("env:") {
+        let quote = rest[..at]
+            .chars()
+            .next_back()
+            .filter(|q| *q == '"' || *q == '\'');
+        let found = quote.and_then(|q| {
+            let tail = &rest[at + 4..];
+            let end = tail.find(q)?;
+            let (_, value) = values.iter().find(|(n, _)| n == &tail[..end])?;
+            Some((at - 1, at + 4 + end + 1, value))
+        });
+        match found {
+            Some((start, end, value)) => {
+                out.push_str(&rest[..start]);
+                out.push_str(&basic_string(value));
+                rest = &rest[end..];
+            }
+            None => {
+                out.push_str(&rest[..at + 4]);
+                rest = &rest[at + 4..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// `value` as a one-line TOML basic string.
