@@ -61,7 +61,8 @@ pub struct Receipt {
     pub id: Uuid,
     /// LSN of its WAL record.
     pub lsn: u64,
-    /// `durable` or `delivered`.
+    /// `durable` or `delivered` (`unknown`: a state a newer server named that
+    /// this client does not know; never under `Wait::Delivered`).
     pub status: String,
 }
 
@@ -720,8 +721,10 @@ impl Inner {
                     let reason = reason.clone().unwrap_or_else(|| "failed".into());
                     item.settle(self, Err(IngestError::Failed { reason }));
                 }
+                // Not confirmed delivered (a state this client does not know
+                // is not a confirmation): ask again.
                 Some(EntryAnswer {
-                    status: EntryState::Durable,
+                    status: EntryState::Durable | EntryState::Unknown,
                     ..
                 }) if mode == Wait::Delivered => again.push(item),
                 Some(a) => {

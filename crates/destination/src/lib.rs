@@ -196,16 +196,53 @@ pub(crate) fn screen(name: &str, batch: &[LoggedEntry], no_nul: bool) -> Result<
     Ok(())
 }
 
-/// The cursor continuing after the last entry of a page, when `more` may follow.
-pub(crate) fn next_cursor(entries: &[StoredEntry], more: bool) -> Option<String> {
-    if !more {
-        return None;
+/// A page's first step: the candidates in page order, each (id, accepted at,
+/// payload bytes).
+pub(crate) type Candidates = Vec<(uuid::Uuid, i64, i64)>;
+
+/// A page's second step: the entries read by id (in any order, some perhaps
+/// gone since), put in the candidates' order; the cursor continues after the
+/// last candidate that fit, even if that one is gone, so a page emptied by a
+/// concurrent delete never ends the listing.
+pub(crate) fn page(
+    candidates: &Candidates,
+    fit: usize,
+    limit: u32,
+    mut entries: Vec<StoredEntry>,
+) -> Page {
+    let order: std::collections::HashMap<uuid::Uuid, usize> = candidates[..fit]
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.0, i))
+        .collect();
+    entries.retain(|e| order.contains_key(&e.entry.id));
+    entries.sort_by_key(|e| order[&e.entry.id]);
+    let more = fit < candidates.len() || candidates.len() == limit as usize;
+    let next_cursor = candidates[..fit]
+        .last()
+        .filter(|_| more)
+        .map(|&(id, created_us, _)| query::Cursor { created_us, id }.encode());
+    Page {
+        entries,
+        next_cursor,
     }
-    entries.last().map(|e| {
-        query::Cursor {
-            created_us: e.entry.accepted_at_us,
-            id: e.entry.id,
-        }
-        .encode()
-    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A page whose entries were all deleted between its two steps still
+    /// continues the listing after them (it does not end it).
+    #[test]
+    fn a_page_emptied_between_its_steps_still_has_a_cursor() {
+        let ids: Vec<Uuid> = (0..3).map(|_| Uuid::now_v7()).collect();
+        let candidates: Candidates = ids.iter().map(|&id| (id, 1_000, 10)).collect();
+        let p = page(&candidates, 2, 3, Vec::new());
+        assert!(p.entries.is_empty());
+        let cursor = query::Cursor::decode(p.next_cursor.as_deref().unwrap()).unwrap();
+        assert_eq!(cursor.id, ids[1]);
+        // The last page (fewer candidates than the limit, all fit): no cursor.
+        assert!(page(&candidates, 3, 10, Vec::new()).next_cursor.is_none());
+    }
 }

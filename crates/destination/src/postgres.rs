@@ -16,7 +16,7 @@
 use crate::error::classify;
 use crate::query::{fitting, Query};
 use crate::words::{payload_words, query_words, tsquery};
-use crate::{next_cursor, screen, Destination, DestinationError, Page, Result, StoredEntry};
+use crate::{page, screen, Candidates, Destination, DestinationError, Page, Result, StoredEntry};
 use async_trait::async_trait;
 use futures_util::TryStreamExt;
 use spool_wal::{Entry, LoggedEntry};
@@ -68,13 +68,13 @@ const MIGRATIONS: &[&str] = &[
     // 3: full-text words computed by spool (crate::words), independent of the
     // server's parser and locale. Rows already stored get theirs from
     // `backfill_words` in the same transaction, then the index is built.
-    // A row without words (written by an older node after this migration)
-    // is found through spool_entries_unworded and indexed at the next start.
+    // A row without words (written by an older node after this migration) is
+    // found through spool_entries_unworded (built after the backfill, empty)
+    // and indexed in the background after the next start.
     r#"
     LOCK TABLE spool_entries IN SHARE ROW EXCLUSIVE MODE;
     DROP INDEX spool_entries_fts;
     ALTER TABLE spool_entries ADD COLUMN words tsvector;
-    CREATE INDEX spool_entries_unworded ON spool_entries (id) WHERE words IS NULL;
     "#,
 ];
 
@@ -205,10 +205,15 @@ impl PostgresDestination {
         for (i, m) in MIGRATIONS.iter().enumerate().skip(found as usize) {
             tx.execute(*m).await.map_err(|e| self.err(e))?;
             if i + 1 == WORDS_MIGRATION {
-                backfill_words(&mut tx).await.map_err(|e| self.err(e))?;
-                tx.execute("CREATE INDEX spool_entries_words ON spool_entries USING gin (words)")
+                backfill_words(&mut tx, None)
                     .await
                     .map_err(|e| self.err(e))?;
+                tx.execute(
+                    "CREATE INDEX spool_entries_words ON spool_entries USING gin (words); \
+                     CREATE INDEX spool_entries_unworded ON spool_entries (id) WHERE words IS NULL",
+                )
+                .await
+                .map_err(|e| self.err(e))?;
             }
             sqlx::query("INSERT INTO spool_schema (version) VALUES ($1)")
                 .bind(i as i32 + 1)
@@ -217,10 +222,11 @@ impl PostgresDestination {
                 .map_err(|e| self.err(e))?;
             tracing::info!(destination = %self.name, version = i + 1, "migrated Postgres schema");
         }
+        tx.commit().await.map_err(|e| self.err(e))?;
         if found >= WORDS_MIGRATION as i64 {
-            backfill_words(&mut tx).await.map_err(|e| self.err(e))?;
+            tokio::spawn(index_stragglers(self.pool.clone(), self.name.clone()));
         }
-        tx.commit().await.map_err(|e| self.err(e))
+        Ok(())
     }
 
     fn row(&self, r: &PgRow) -> StoredEntry {
@@ -241,23 +247,30 @@ impl PostgresDestination {
     }
 }
 
-/// Compute the words of every row without them: all rows stored before
-/// migration 3, and later any row an older node wrote (found through the
-/// partial index `spool_entries_unworded`). In id order, 1,000 rows at a time.
-async fn backfill_words(conn: &mut sqlx::PgConnection) -> sqlx::Result<()> {
-    let mut after = Uuid::nil();
+/// Rows per backfill statement: at most this many payloads in memory at once.
+const BACKFILL_ROWS: i64 = 100;
+
+/// Compute the words of rows without them, in id order, [`BACKFILL_ROWS`] at
+/// a time, up to id `upto` (all of them when `None`). In migration 3 that is
+/// every row stored before it.
+async fn backfill_words(conn: &mut sqlx::PgConnection, upto: Option<Uuid>) -> sqlx::Result<u64> {
+    let (mut after, mut done) = (Uuid::nil(), 0);
     loop {
         let rows: Vec<(Uuid, String)> = sqlx::query_as(
             "SELECT id, payload::text FROM spool_entries \
-              WHERE words IS NULL AND id > $1 ORDER BY id LIMIT 1000",
+              WHERE words IS NULL AND id > $1 AND ($2::uuid IS NULL OR id <= $2) \
+              ORDER BY id LIMIT $3",
         )
         .bind(after)
+        .bind(upto)
+        .bind(BACKFILL_ROWS)
         .fetch_all(&mut *conn)
         .await?;
         let Some(&(last, _)) = rows.last() else {
-            return Ok(());
+            return Ok(done);
         };
         after = last;
+        done += rows.len() as u64;
         let (ids, words): (Vec<Uuid>, Vec<String>) = rows
             .into_iter()
             .map(|(id, p)| (id, payload_words(p.as_bytes())))
@@ -270,6 +283,31 @@ async fn backfill_words(conn: &mut sqlx::PgConnection) -> sqlx::Result<()> {
         .bind(&words)
         .execute(&mut *conn)
         .await?;
+    }
+}
+
+/// Index, in the background and one short statement at a time, the rows an
+/// older node stored without words (`q` does not find them until then): those
+/// there at the start, so a node still writing them cannot keep it going.
+async fn index_stragglers(pool: PgPool, name: String) {
+    let run = async {
+        let mut conn = pool.acquire().await?;
+        let upto: Option<Uuid> = sqlx::query_scalar(
+            "SELECT id FROM spool_entries WHERE words IS NULL ORDER BY id DESC LIMIT 1",
+        )
+        .fetch_optional(&mut *conn)
+        .await?;
+        match upto {
+            Some(upto) => backfill_words(&mut conn, Some(upto)).await,
+            None => Ok(0),
+        }
+    };
+    match run.await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(destination = %name, rows = n, "indexed rows stored without words"),
+        Err(e) => {
+            tracing::warn!(destination = %name, error = %e, "indexing rows stored without words stopped; the next start goes on")
+        }
     }
 }
 
@@ -349,7 +387,8 @@ impl Destination for PostgresDestination {
     async fn query(&self, q: &Query) -> Result<Page> {
         let (limit, cursor) = q.checked()?;
         let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(
-            "SELECT id, octet_length(payload::text)::int8 FROM spool_entries WHERE source = ",
+            "SELECT id, (extract(epoch from created_at) * 1000000)::int8, \
+                    octet_length(payload::text)::int8 FROM spool_entries WHERE source = ",
         );
         qb.push_bind(q.source.as_str());
         if let Some(s) = &q.subject {
@@ -388,20 +427,16 @@ impl Destination for PostgresDestination {
         qb.push(" ORDER BY created_at DESC, id DESC LIMIT ")
             .push_bind(limit as i64);
         // The candidates' sizes first, then the payloads of those that fit.
-        let found: Vec<(Uuid, i64)> = self.run(qb.build_query_as().fetch_all(&self.pool)).await?;
-        let (ids, lens): (Vec<Uuid>, Vec<i64>) = found.into_iter().unzip();
+        let candidates: Candidates = self.run(qb.build_query_as().fetch_all(&self.pool)).await?;
+        let lens: Vec<i64> = candidates.iter().map(|c| c.2).collect();
         let n = fitting(&lens, q.max_bytes);
-        let sql = format!(
-            "{SELECT} WHERE source = $1 AND id = ANY($2) ORDER BY created_at DESC, id DESC"
-        );
+        let ids: Vec<Uuid> = candidates[..n].iter().map(|c| c.0).collect();
+        let sql = format!("{SELECT} WHERE id = ANY($1)");
         let entries = if n == 0 {
             Vec::new()
         } else {
             self.run(async {
-                let mut rows = sqlx::query(&sql)
-                    .bind(q.source.as_str())
-                    .bind(&ids[..n])
-                    .fetch(&self.pool);
+                let mut rows = sqlx::query(&sql).bind(&ids).fetch(&self.pool);
                 let mut entries = Vec::with_capacity(n);
                 while let Some(r) = rows.try_next().await? {
                     entries.push(self.row(&r));
@@ -410,10 +445,7 @@ impl Destination for PostgresDestination {
             })
             .await?
         };
-        Ok(Page {
-            next_cursor: next_cursor(&entries, n < ids.len() || ids.len() == limit as usize),
-            entries,
-        })
+        Ok(page(&candidates, n, limit, entries))
     }
 
     /// Reachable, migrated, and writable: a server in recovery (a standby after

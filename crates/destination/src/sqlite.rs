@@ -14,7 +14,7 @@
 use crate::error::classify;
 use crate::query::{fitting, Query};
 use crate::words::{fts5_query, payload_words, query_words};
-use crate::{next_cursor, screen, Destination, DestinationError, Page, Result, StoredEntry};
+use crate::{page, screen, Candidates, Destination, DestinationError, Page, Result, StoredEntry};
 use async_trait::async_trait;
 use futures_util::TryStreamExt;
 use spool_wal::{Entry, LoggedEntry};
@@ -190,16 +190,20 @@ impl SqliteDestination {
         tx.commit().await.map_err(|e| self.err(e))
     }
 
+    fn uuid(&self, id: &str) -> Result<Uuid> {
+        Uuid::try_parse(id).map_err(|_| DestinationError::Transient {
+            destination: self.name.clone(),
+            message: format!("row with malformed id {id:?}"),
+        })
+    }
+
     fn row(&self, r: &SqliteRow) -> Result<StoredEntry> {
         let id: String = r.get(0);
         let payload: String = r.get(5);
         Ok(StoredEntry {
             lsn: r.get::<i64, _>(1) as u64,
             entry: Entry {
-                id: Uuid::try_parse(&id).map_err(|_| DestinationError::Transient {
-                    destination: self.name.clone(),
-                    message: format!("row with malformed id {id:?}"),
-                })?,
+                id: self.uuid(&id)?,
                 source: r.get(2),
                 destination: self.name.clone(),
                 subject: r.get(3),
@@ -212,14 +216,18 @@ impl SqliteDestination {
     }
 }
 
+/// Rows per backfill statement: at most this many payloads in memory at once.
+const BACKFILL_ROWS: i64 = 100;
+
 /// Index the words of every row stored before migration 3.
 async fn backfill_words(conn: &mut sqlx::SqliteConnection) -> sqlx::Result<()> {
     let mut after = 0i64;
     loop {
         let rows: Vec<(i64, String)> = sqlx::query_as(
-            "SELECT rowid, payload FROM spool_entries WHERE rowid > ? ORDER BY rowid LIMIT 1000",
+            "SELECT rowid, payload FROM spool_entries WHERE rowid > ? ORDER BY rowid LIMIT ?",
         )
         .bind(after)
+        .bind(BACKFILL_ROWS)
         .fetch_all(&mut *conn)
         .await?;
         let Some(&(last, _)) = rows.last() else {
@@ -338,7 +346,7 @@ impl Destination for SqliteDestination {
         let (limit, cursor) = q.checked()?;
         self.ready().await?;
         let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
-            "SELECT rowid, octet_length(payload) FROM spool_entries WHERE source = ",
+            "SELECT id, created_at, octet_length(payload) FROM spool_entries WHERE source = ",
         );
         qb.push_bind(q.source.as_str());
         if let Some(s) = &q.subject {
@@ -370,35 +378,35 @@ impl Destination for SqliteDestination {
         }
         qb.push(" ORDER BY created_at DESC, id DESC LIMIT ")
             .push_bind(limit as i64);
-        // The candidates' sizes first, then the payloads of those that fit.
-        let found: Vec<(i64, i64)> = qb
+        // The candidates' sizes first, then the payloads of those that fit,
+        // by id (unordered: the primary key, whatever the planner thinks).
+        let found: Vec<(String, i64, i64)> = qb
             .build_query_as()
             .fetch_all(&self.readers)
             .await
             .map_err(|e| self.err(e))?;
-        let (rowids, lens): (Vec<i64>, Vec<i64>) = found.into_iter().unzip();
+        let candidates: Candidates = found
+            .iter()
+            .map(|(id, at, len)| Ok((self.uuid(id)?, *at, *len)))
+            .collect::<Result<_>>()?;
+        let lens: Vec<i64> = candidates.iter().map(|c| c.2).collect();
         let n = fitting(&lens, q.max_bytes);
-        // A rowid is reused after a delete: the source is checked again.
-        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(format!(
-            "SELECT {COLUMNS} FROM spool_entries WHERE source = "
-        ));
-        qb.push_bind(q.source.as_str()).push(" AND rowid IN (");
-        let mut list = qb.separated(", ");
-        for r in &rowids[..n] {
-            list.push_bind(*r);
-        }
-        qb.push(") ORDER BY created_at DESC, id DESC");
         let mut entries = Vec::with_capacity(n);
         if n > 0 {
+            let mut qb: QueryBuilder<Sqlite> =
+                QueryBuilder::new(format!("SELECT {COLUMNS} FROM spool_entries WHERE id IN ("));
+            let mut list = qb.separated(", ");
+            // The ids as stored (the text the primary key holds).
+            for (id, _, _) in &found[..n] {
+                list.push_bind(id.as_str());
+            }
+            qb.push(")");
             let mut rows = qb.build().fetch(&self.readers);
             while let Some(r) = rows.try_next().await.map_err(|e| self.err(e))? {
                 entries.push(self.row(&r)?);
             }
         }
-        Ok(Page {
-            next_cursor: next_cursor(&entries, n < rowids.len() || rowids.len() == limit as usize),
-            entries,
-        })
+        Ok(page(&candidates, n, limit, entries))
     }
 
     /// Migrated, the table there, and writable: takes the write lock (waiting up

@@ -472,8 +472,21 @@ async fn the_key_and_words_migrations_keep_the_first_copy_and_index_old_rows() {
         PostgresDestination::open("main", &url, Some(1), spool_destination::DEFAULT_TIMEOUT)
             .unwrap();
     third.health().await.unwrap();
-    let found = third.query(&search("old", "straggler")).await.unwrap();
-    assert_eq!(found.entries.len(), 1);
+    // Indexed in the background, after the start.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while third
+        .query(&search("old", "straggler"))
+        .await
+        .unwrap()
+        .entries
+        .is_empty()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the straggler was never indexed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test]

@@ -403,12 +403,28 @@ async fn a_body_slower_than_body_timeout_is_408() {
     let door = door_with("body_timeout = \"2s\"");
     let before = door.last_lsn();
     let (req, tx) = trickling_write();
-    tx.send(Ok(b"[{\"a\":".to_vec())).await.unwrap();
+    tx.send(Ok(b"[{\"a\":1},".to_vec())).await.unwrap();
+    let started = tokio::time::Instant::now();
     let (status, v) = door.send(req).await;
+    let took = started.elapsed();
     assert_eq!(status, StatusCode::REQUEST_TIMEOUT, "{v}");
     assert_eq!(v["error"], "request_timeout");
+    assert!(
+        took >= std::time::Duration::from_secs(2) && took < std::time::Duration::from_secs(3),
+        "answered after {took:?}, not at body_timeout"
+    );
     assert_eq!(door.last_lsn(), before);
     drop(tx);
+    // The control: the rest arriving at 1.5 s is in time.
+    let (req, tx) = trickling_write();
+    tx.send(Ok(b"[{\"a\":1},".to_vec())).await.unwrap();
+    let late = tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        tx.send(Ok(b"{\"b\":2}]".to_vec())).await.unwrap();
+    });
+    let (status, v) = door.send(req).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{v}");
+    late.await.unwrap();
 }
 
 /// A scraper that asks for `text/plain` (Prometheus) gets format 0.0.4; one

@@ -43,8 +43,12 @@ fuzz_target!(|data: &[u8]| {
                 assert!(e.payload.len() <= 4096);
                 let fields = spool_destination::check_payload(&e.payload, rules.no_nul)
                     .expect("an accepted entry passes the destination's check");
+                // A second opinion on the fields: serde_json's own parse.
                 let v: serde_json::Value = serde_json::from_slice(&e.payload).unwrap();
                 assert!(v.is_object());
+                assert_eq!(v.get("subject").and_then(|s| s.as_str()), e.subject.as_deref());
+                let key = v.get("idempotency_key").and_then(|s| s.as_str());
+                assert_eq!(key.or(rules.header_key.as_deref()), e.idempotency_key.as_deref());
                 match (fields.subject, &e.subject) {
                     (spool_destination::Field::Text(s), Some(t)) => assert_eq!(&s, t),
                     (spool_destination::Field::Absent, None) => {}

@@ -657,6 +657,18 @@ mod tests {
     }
 
     #[test]
+    fn an_invalid_env_value_is_never_quoted_even_in_part() {
+        std::env::set_var("SPOOL_CFG_TEST_HEX", "9f86d081884c7d65\n");
+        let text = "[server]\nmax_body_bytes = \"env:SPOOL_CFG_TEST_HEX\"\n";
+        let e = Config::parse(text).unwrap_err().0;
+        assert!(!e.contains("86d0") && !e.contains("884c"), "{e}");
+        assert!(
+            e.starts_with("line 2:") && e.contains("env:SPOOL_CFG_TEST_HEX"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn a_zero_read_page_is_refused() {
         let e = Config::parse("[limits]\nmax_read_bytes = 0\n")
             .unwrap_err()

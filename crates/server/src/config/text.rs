@@ -83,9 +83,24 @@ impl<'a> Resolved<'a> {
         self.at(line, msg)
     }
 
+    /// An error on `line`; when that line takes its value from the
+    /// environment, the message (which may quote pieces of the value: a unit,
+    /// a trimmed copy) is replaced by one that names the variable only.
     fn at(&self, line: Option<usize>, msg: String) -> ConfigError {
         match line.and_then(|n| Some((n, self.original.lines().nth(n - 1)?))) {
-            Some((n, text)) => ConfigError(format!("line {n}: {msg}\n    {}", text.trim())),
+            Some((n, text)) => {
+                let from_env = self.secrets.iter().find(|(name, _)| {
+                    text.contains(&format!("\"env:{name}\""))
+                        || text.contains(&format!("'env:{name}'"))
+                });
+                let msg = match from_env {
+                    Some((name, _)) => format!(
+                        "the value of env:{name} is not valid for this key (not shown: it came from the environment)"
+                    ),
+                    None => msg,
+                };
+                ConfigError(format!("line {n}: {msg}\n    {}", text.trim()))
+            }
             None => ConfigError(msg),
         }
     }
@@ -97,7 +112,12 @@ impl<'a> Resolved<'a> {
         for (name, v) in self.secrets.iter().filter(|(_, v)| v.len() >= 2) {
             let toml = basic_string(v);
             let debug = format!("{v:?}");
-            for form in [&toml[1..toml.len() - 1], &debug[1..debug.len() - 1], v] {
+            for form in [
+                &toml[1..toml.len() - 1],
+                &debug[1..debug.len() - 1],
+                v,
+                v.trim(),
+            ] {
                 m = m.replace(form, &format!("env:{name}"));
             }
         }
