@@ -109,6 +109,113 @@ def spool_runs(work, sync, conns, seconds, batch):
         shutil.rmtree(d, ignore_errors=True)
 
 
+def scrape(port, name):
+    """The sum of a metric's samples on a running server's /metrics."""
+    import urllib.request
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines()
+               if l.startswith(name + "{") or l.startswith(name + " "))
+
+
+def rss_mib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for l in f:
+            if l.startswith("VmHWM:"):
+                return round(int(l.split()[1]) / 1024, 1)
+    return 0.0
+
+
+def sustained(work, conns, batch, seconds, drain_limit=600):
+    """Closed-loop load with delivery watched: accepted vs delivered during the
+    load, the backlog when the load stops, and the time to drain it."""
+    port = free_port()
+    d = os.path.join(work, f"sustained-{conns}-{batch}")
+    os.makedirs(d)
+    srv = serve(d, port, "always", 5000000, f'kind = "sqlite"\npath = "{d}/spool.db"')
+    try:
+        out = subprocess.run([os.path.join(REL, "spool-bench"), "http", "--url", f"http://127.0.0.1:{port}",
+                              "--connections", str(conns), "--batch", str(batch), "--seconds", str(seconds),
+                              "--delivery"], check=True, capture_output=True, text=True).stdout
+        r = json.loads(out.strip().splitlines()[-1])
+        start = time.time()
+        backlog = scrape(port, "spool_queue_depth")
+        while scrape(port, "spool_queue_depth") > 0 and time.time() - start < drain_limit:
+            time.sleep(0.1)
+        drain = round(time.time() - start, 1)
+        return {"connections": conns, "batch": batch, "accepted_per_sec": r["accepted_per_sec"],
+                "delivered_per_sec": r["delivered_per_sec"], "backlog_at_end": int(backlog),
+                "drain_seconds": drain, "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"],
+                "peak_rss_mib": rss_mib(srv.pid)}
+    finally:
+        srv.terminate()
+        srv.wait(120)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def replay_rate(work, entries=1000000):
+    """`spool replay` of `entries` retained (delivered) entries into an empty
+    SQLite, as an operator rebuilding a lost destination would."""
+    port = free_port()
+    d = os.path.join(work, "replay")
+    os.makedirs(d)
+    srv = serve(d, port, "never", 5000000, f'kind = "sqlite"\npath = "{d}/spool.db"')
+    try:
+        while scrape(port, "spool_entries_accepted_total") < entries:
+            subprocess.run([os.path.join(REL, "spool-bench"), "http", "--url", f"http://127.0.0.1:{port}",
+                            "--connections", "16", "--batch", "100", "--seconds", "2"],
+                           check=True, capture_output=True)
+        while scrape(port, "spool_queue_depth") > 0:
+            time.sleep(0.2)
+        stored = int(scrape(port, "spool_entries_accepted_total"))
+    finally:
+        srv.terminate()
+        srv.wait(120)
+    for f in glob.glob(os.path.join(d, "spool.db*")):
+        os.remove(f)
+    start = time.time()
+    out = subprocess.run([os.path.join(REL, "spool"), "replay", "--config", os.path.join(d, "spool.toml"),
+                          "--destination", "main", "--json"], check=True, capture_output=True, text=True).stdout
+    took = time.time() - start
+    r = json.loads(out.strip().splitlines()[-1])
+    shutil.rmtree(d, ignore_errors=True)
+    return {"entries": stored, "replayed": r.get("replayed"), "seconds": round(took, 1),
+            "per_sec": round(r.get("replayed", 0) / took)}
+
+
+def wrk_cell(work, conns, seconds):
+    """One cell measured with wrk (Debian), so readers can reproduce it with a
+    tool they know: single-entry durable writes at `conns` connections."""
+    ensure_debian("wrk", "wrk")
+    port = free_port()
+    d = os.path.join(work, f"wrk-{conns}")
+    os.makedirs(d)
+    script = os.path.join(d, "post.lua")
+    with open(script, "w") as f:
+        f.write('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+                f"wrk.body = '{PAYLOAD}'\n"
+                'done = function(summary, latency, requests)\n'
+                '  io.write(string.format("WRKJSON {\\"non2xx\\":%d,\\"errors\\":%d}\\n",\n'
+                '    summary.errors.status, summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout))\n'
+                'end\n')
+    srv = serve(d, port, "always", 1000000, f'kind = "sqlite"\npath = "{d}/spool.db"')
+    try:
+        out = subprocess.run(["wrk", "-t2", f"-c{conns}", f"-d{int(seconds)}s", "--latency", "-s", script,
+                              f"http://127.0.0.1:{port}/v1/default/entries"],
+                             check=True, capture_output=True, text=True).stdout
+    finally:
+        srv.terminate()
+        srv.wait(60)
+        shutil.rmtree(d, ignore_errors=True)
+
+    def ms(v):
+        unit = v.lstrip("0123456789.")
+        return round(float(v[: len(v) - len(unit)]) * {"us": 0.001, "ms": 1, "s": 1000}[unit], 2)
+    rps = next(float(l.split()[1]) for l in out.splitlines() if l.startswith("Requests/sec:"))
+    pct = {l.split()[0]: ms(l.split()[1]) for l in out.splitlines() if l.strip()[:3] in ("50%", "99%")}
+    extra = json.loads(next(l for l in out.splitlines() if l.startswith("WRKJSON")).split(" ", 1)[1])
+    return {"per_sec": round(rps), "p50_ms": pct.get("50%"), "p99_ms": pct.get("99%"), **extra}
+
+
 # --- Postgres ---------------------------------------------------------------
 
 def pg_bindir():
@@ -231,6 +338,9 @@ def main():
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--conns", default="1,16,64,256")
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks"))
+    ap.add_argument("--replay-entries", type=int, default=1000000)
+    ap.add_argument("--skip-sustained", action="store_true",
+                    help="only the peer table (no sustained, replay or wrk runs)")
     a = ap.parse_args()
     conns = [int(c) for c in a.conns.split(",")]
     os.makedirs(a.out, exist_ok=True)
@@ -239,6 +349,7 @@ def main():
     results = {k: {} for k in ("spool durable", "spool durable, 100/request", "spool sync=never",
                                "Postgres INSERT commit", "Redis appendfsync always")}
     pg = redis = None
+    extra = {}
     try:
         pg = Postgres(work)
         redis = Redis(work)
@@ -251,6 +362,16 @@ def main():
             guess = results["spool durable"][str(c)]["per_sec"]
             results["Redis appendfsync always"][str(c)] = redis.bench(c, s, guess)
             print(json.dumps({"connections": c, **{k: v[str(c)] for k, v in results.items()}}), flush=True)
+        if not a.skip_sustained:
+            ends = [sustained(work, 64, 1, a.seconds), sustained(work, 16, 100, a.seconds)]
+            for r in ends:
+                print(json.dumps({"sustained": r}), flush=True)
+            extra["sustained"] = ends
+            extra["replay"] = replay_rate(work, a.replay_entries)
+            print(json.dumps({"replay": extra["replay"]}), flush=True)
+            extra["wrk_64"] = {"wrk": wrk_cell(work, 64, a.seconds),
+                               "spool-bench": results["spool durable"].get("64")}
+            print(json.dumps({"wrk_64": extra["wrk_64"]}), flush=True)
     finally:
         if pg:
             pg.stop()
@@ -260,7 +381,7 @@ def main():
 
     machine = subprocess.run(["uname", "-srm"], capture_output=True, text=True).stdout.strip()
     doc = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} cpus, {machine}",
-           "seconds": a.seconds, "payload_bytes": len(PAYLOAD), "results": results}
+           "seconds": a.seconds, "payload_bytes": len(PAYLOAD), "results": results, **extra}
     with open(os.path.join(a.out, "peers.json"), "w") as f:
         json.dump(doc, f, indent=1)
     plot(results, conns, a.out)
@@ -279,6 +400,19 @@ def main():
         batch = results["spool durable, 100/request"][str(c)]["per_sec"] / max(results["Postgres INSERT commit"][str(c)]["per_sec"], 1)
         print(f"| {c} | {ratio('Redis appendfsync always'):.2f} | {ratio('Postgres INSERT commit'):.2f} | "
               f"{ratio('spool sync=never'):.2f} | {batch:.1f} |")
+    if extra.get("sustained"):
+        print("\n| sustained, SQLite | accepted entries/s | delivered/s during load | backlog at end | drain s | p50 / p99 ms | peak RSS MiB |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for r in extra["sustained"]:
+            print(f"| {r['batch']}/request, {r['connections']} conns | {r['accepted_per_sec']:,.0f} | "
+                  f"{r['delivered_per_sec']:,.0f} | {r['backlog_at_end']:,} | {r['drain_seconds']} | "
+                  f"{r['p50_ms']} / {r['p99_ms']} | {r['peak_rss_mib']} |")
+        r = extra["replay"]
+        print(f"\nreplay: {r['replayed']:,} entries into an empty SQLite in {r['seconds']} s = {r['per_sec']:,.0f}/s")
+        w = extra["wrk_64"]
+        print(f"wrk cross-check, durable single entries @64: wrk {w['wrk']['per_sec']:,}/s "
+              f"(p50 {w['wrk']['p50_ms']} ms, p99 {w['wrk']['p99_ms']} ms, non-2xx {w['wrk']['non2xx']}) vs "
+              f"spool-bench {w['spool-bench']['per_sec']:,.0f}/s" if w.get("spool-bench") else "")
 
 
 if __name__ == "__main__":

@@ -656,7 +656,7 @@ async fn http_bench(b: HttpBench) -> Result<serde_json::Value> {
                     tokio::time::sleep_until(due).await;
                 }
                 let mut req = hyper::Request::post(path.as_str())
-                    .header("host", host.as_str())
+                    .header("host", format!("{host}:{port}"))
                     .header("content-type", "application/json");
                 if let Some(t) = &token {
                     req = req.header("authorization", format!("Bearer {t}"));

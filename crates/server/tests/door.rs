@@ -337,6 +337,20 @@ async fn browser_requests_cannot_write_the_open_default() {
         ))
         .await;
     assert_eq!(status, StatusCode::ACCEPTED);
+    // A loopback name without its port (as some clients send it) is ours: no
+    // attacker's page can have it; a rebinding name with our port is not.
+    for (host, status) in [
+        ("127.0.0.1", StatusCode::ACCEPTED),
+        ("localhost", StatusCode::ACCEPTED),
+        ("[::1]", StatusCode::ACCEPTED),
+        ("127.0.0.1:9", StatusCode::FORBIDDEN),
+        ("evil.example:7070", StatusCode::FORBIDDEN),
+    ] {
+        let (got, v) = door
+            .send(send(Some("application/json"), Some(host), None))
+            .await;
+        assert_eq!(got, status, "{host}: {v}");
+    }
 }
 
 /// A door whose config adds `server` keys.
