@@ -278,8 +278,9 @@ impl Wal {
         if inbox.closing {
             return Err(WalError::Closed);
         }
+        inbox.waiting += usize::from(op.waits_for_sync());
         inbox.ops.push(op);
-        let wake = inbox.ops.len() == 1 || inbox.ops.len() == inbox.want;
+        let wake = inbox.ops.len() == 1 || (inbox.want > 0 && inbox.waiting == inbox.want);
         drop(inbox);
         if wake {
             self.shared.wake.notify_one();

@@ -53,6 +53,12 @@ pub(crate) enum Op {
 }
 
 impl Op {
+    /// Whether its answer waits for an fdatasync (under `sync = "always"`;
+    /// other modes never gather).
+    pub fn waits_for_sync(&self) -> bool {
+        matches!(self, Op::Append { durable: true, .. } | Op::Sync(_))
+    }
+
     fn fail(self, e: WalError) {
         match self {
             Op::Append { reply, .. } => drop(reply.send(Err(e))),
@@ -66,7 +72,10 @@ impl Op {
 pub(crate) struct Inbox {
     pub ops: Vec<Op>,
     pub closing: bool,
-    /// The writer is gathering a group and wants a wake-up at this many ops.
+    /// Of `ops`, those whose answer waits for an fdatasync.
+    pub waiting: usize,
+    /// The writer is gathering a group and wants a wake-up when this many
+    /// ops wait for an fdatasync.
     pub want: usize,
 }
 
@@ -195,14 +204,16 @@ impl Writer {
             if inbox.closing {
                 break;
             }
-            let n = inbox.ops.len();
+            let (n, waiting) = (inbox.ops.len(), inbox.waiting);
             let now = Instant::now();
             let until = if n > 0 {
                 // Gather: the appenders answered last time are usually about to
                 // come back; a group that waits a fraction of an fsync for them
-                // saves a whole fsync.
+                // saves a whole fsync. Only ops that wait for the fsync count
+                // (a delivery's markers do not): a group of markers alone is
+                // written at once, and markers never hold back an appender.
                 let until = *gather_until.get_or_insert(now + self.gather_window);
-                if n >= self.gather_target || now >= until {
+                if waiting == 0 || waiting >= self.gather_target || now >= until {
                     break;
                 }
                 inbox.want = self.gather_target;
@@ -222,6 +233,7 @@ impl Writer {
             };
         }
         inbox.want = 0;
+        inbox.waiting = 0;
         (std::mem::take(&mut inbox.ops), inbox.closing)
     }
 
@@ -239,7 +251,7 @@ impl Writer {
         }
         let mut syncers: Vec<Reply<()>> = Vec::new();
         let mut need_sync = false;
-        let (mut appends, mut records) = (0usize, 0usize);
+        let (mut appends, mut records, mut waiting) = (0usize, 0usize, 0usize);
         for op in ops {
             if let Some(e) = &self.poisoned {
                 op.fail(e.clone());
@@ -275,6 +287,7 @@ impl Writer {
                     records += recs.len();
                     let needs_sync = durable && self.always();
                     need_sync |= needs_sync;
+                    waiting += usize::from(needs_sync);
                     self.frame(recs, reply, needs_sync);
                 }
                 Op::Sync(reply) => {
@@ -302,11 +315,12 @@ impl Writer {
             self.shared.observer.group(appends, records);
         }
         if need_sync {
-            // The group to expect next: everyone just answered plus everyone who
-            // arrived while this group was written and synced (those cannot be of
-            // this group). Under other modes there is no fsync to share.
-            let arrived = self.shared.inbox().ops.len();
-            self.gather_target = appends + syncers.len() + arrived;
+            // The group to expect next: everyone just answered after the fsync
+            // plus everyone waiting who arrived while this group was written and
+            // synced (those cannot be of this group). Under other modes there
+            // is no fsync to share.
+            let arrived = self.shared.inbox().waiting;
+            self.gather_target = waiting + syncers.len() + arrived;
         }
         for s in syncers {
             let _ = s.send(synced.clone());
