@@ -62,8 +62,9 @@ bench-client:
 	bench/client-bench.sh $(BENCH_SECONDS)
 
 ## bench-peers: spool vs Postgres commits and Redis appendfsync=always at 1/16/64/256
-## connections, one run; writes docs/benchmarks/peers.json and plots (installs
-## redis-server and matplotlib if missing)
+## connections, plus sustained end to end, replay of 1M entries and a wrk cross-check,
+## one run; writes docs/benchmarks/peers.json and plots (installs redis-server, wrk
+## and matplotlib if missing)
 bench-peers:
 	$(CARGO) build --release --locked -p spool-bench -p spool-server
 	python3 -c "import matplotlib" 2>/dev/null || pip install -q matplotlib

@@ -108,8 +108,9 @@ impl Inner {
         } else {
             Vec::new()
         };
-        for e in &write {
-            self.observer.accepted(&e.source, 1);
+        // Once per run of one source (a call is usually one source's).
+        for run in write.chunk_by(|a, b| a.source == b.source) {
+            self.observer.accepted(&run[0].source, run.len() as u64);
         }
         let mut by_lane: HashMap<&str, Vec<LoggedEntry>> = HashMap::new();
         for (entry, lsn) in write.into_iter().zip(lsns) {
