@@ -2,12 +2,12 @@
 //! (`writer.rs`), plus the reads that serve from the recovered state.
 
 use crate::config::WalConfig;
-use crate::entry::{Entry, LoggedEntry};
+use crate::entry::Entry;
 use crate::error::{Result, WalError};
-use crate::format::{self, FrameParse, Kind, SEGMENT_HEADER_LEN};
+use crate::format::{self, Kind, SEGMENT_HEADER_LEN};
 use crate::io::{RealIo, WalIo};
 use crate::recovery::{self, RecoveryReport};
-use crate::segment::{self, FrameReader, SegmentFile};
+use crate::segment;
 use crate::state::{SegInfo, Tracked};
 use crate::writer::{Inbox, Op, Reply, Shared, Writer};
 use std::fs::{File, OpenOptions};
@@ -135,7 +135,7 @@ pub struct EntryStatus {
 /// writer thread, which stops when the last clone is dropped or [`Wal::close`] runs.
 #[derive(Clone)]
 pub struct Wal {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
     handle: Arc<Handle>,
     report: Arc<RecoveryReport>,
 }
@@ -491,112 +491,6 @@ impl Wal {
             })
             .take(limit)
             .collect()
-    }
-
-    /// Read up to `limit` pending entries with LSN > `after`, oldest first, from
-    /// disk. Used to feed the delivery queue after a restart, as space allows.
-    pub fn pending_after(&self, after: u64, limit: usize) -> Result<Vec<LoggedEntry>> {
-        self.read_tracked(after, limit, |s| *s == Tracked::Pending)
-    }
-
-    /// Read up to `limit` pending entries for `destination` with `after < LSN ≤ upto`,
-    /// oldest first, from disk (the delivery engine's redrive after a restart).
-    pub fn pending_for(
-        &self,
-        destination: &str,
-        after: u64,
-        upto: u64,
-        limit: usize,
-    ) -> Result<Vec<LoggedEntry>> {
-        if after >= upto {
-            return Ok(Vec::new());
-        }
-        let wanted: Vec<(u64, u64, u64)> = {
-            let st = self.shared.state();
-            st.tracked
-                .range(after + 1..=upto)
-                .filter(|(_, m)| m.status == Tracked::Pending && &*m.destination == destination)
-                .take(limit)
-                .filter_map(|(l, m)| Some((*l, st.segment_of(*l)?, m.offset)))
-                .collect()
-        };
-        self.read_at(&wanted)
-    }
-
-    /// Entries pending for `destination`.
-    pub fn pending_count_for(&self, destination: &str) -> u64 {
-        let st = self.shared.state();
-        st.tracked
-            .values()
-            .filter(|m| m.status == Tracked::Pending && &*m.destination == destination)
-            .count() as u64
-    }
-
-    /// Read the given tracked entries (pending or dead) from disk, in LSN order.
-    /// LSNs the WAL no longer tracks are left out.
-    pub fn read_entries(&self, lsns: &[u64]) -> Result<Vec<LoggedEntry>> {
-        let wanted: Vec<(u64, u64, u64)> = {
-            let st = self.shared.state();
-            let mut v: Vec<_> = lsns
-                .iter()
-                .filter_map(|l| {
-                    let m = st.tracked.get(l)?;
-                    Some((*l, st.segment_of(*l)?, m.offset))
-                })
-                .collect();
-            v.sort_unstable();
-            v
-        };
-        self.read_at(&wanted)
-    }
-
-    fn read_tracked(
-        &self,
-        after: u64,
-        limit: usize,
-        keep: impl Fn(&Tracked) -> bool,
-    ) -> Result<Vec<LoggedEntry>> {
-        let wanted: Vec<(u64, u64, u64)> = {
-            let st = self.shared.state();
-            st.tracked
-                .range(after.saturating_add(1)..)
-                .filter(|(_, m)| keep(&m.status))
-                .take(limit)
-                .filter_map(|(l, m)| Some((*l, st.segment_of(*l)?, m.offset)))
-                .collect()
-        };
-        self.read_at(&wanted)
-    }
-
-    /// Read ENTRY frames at (lsn, segment, offset), sorted by lsn.
-    fn read_at(&self, wanted: &[(u64, u64, u64)]) -> Result<Vec<LoggedEntry>> {
-        let mut out = Vec::with_capacity(wanted.len());
-        let mut open: Option<(u64, FrameReader)> = None;
-        for &(lsn, seg, off) in wanted {
-            if open.as_ref().map(|o| o.0) != Some(seg) {
-                match FrameReader::open(&SegmentFile::new(&self.shared.dir, seg)) {
-                    Ok(r) => open = Some((seg, r)),
-                    // Removed by retention since we looked: no longer tracked.
-                    Err(e) if segment::is_missing(&e) => continue,
-                    Err(e) => return Err(e),
-                }
-            }
-            let (_, r) = open.as_mut().expect("opened above");
-            let entry = match r.frame_at(off)? {
-                FrameParse::Ok(fr) if fr.lsn == lsn && fr.kind == Kind::Entry => {
-                    format::decode_entry(fr.body).map_err(|e| e.0)
-                }
-                FrameParse::Bad(reason) => Err(reason),
-                FrameParse::Ok(_) | FrameParse::Incomplete => {
-                    Err("tracked offset does not hold the entry")
-                }
-            };
-            match entry {
-                Ok(entry) => out.push(LoggedEntry { lsn, entry }),
-                Err(reason) => return Err(r.corrupt(off, reason)),
-            }
-        }
-        Ok(out)
     }
 
     /// Iterate every record with LSN ≥ `from` that is visible now (records

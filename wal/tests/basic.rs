@@ -330,3 +330,73 @@ async fn purge_ends_dead_letters_only_and_survives_a_restart() {
     );
     assert_eq!(wal.status_of(lsns[2]), Some(Tracked::Pending));
 }
+
+/// Flip one byte of the first occurrence of `marker` in the WAL's segments.
+fn damage(dir: &std::path::Path, marker: &[u8]) -> (String, usize) {
+    use std::os::unix::fs::FileExt;
+    for seg in segments(dir) {
+        let bytes = std::fs::read(&seg).unwrap();
+        if let Some(at) = bytes.windows(marker.len()).position(|w| w == marker) {
+            let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
+            f.write_all_at(&[bytes[at] ^ 0x20], at as u64).unwrap();
+            return (seg.file_name().unwrap().to_string_lossy().into(), at);
+        }
+    }
+    panic!("marker not in the WAL");
+}
+
+/// The delivery queue holds LSNs and reads records back: every LSN asked gets
+/// an answer, in the order asked — the entry byte for byte, `Gone` once it is
+/// no longer pending (or never was), and a damaged record `Corrupt`, naming its
+/// segment, without hiding the records around it.
+#[tokio::test]
+async fn read_queued_answers_each_lsn_and_a_damaged_record_hides_no_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path(), WalConfig::default()).unwrap();
+    let mut marked = entry(2);
+    marked.payload = br#"{"n":2,"mark":"DAMAGE-ME"}"#.to_vec();
+    let originals = vec![entry(1), marked, entry(3), entry(4)];
+    let lsns = wal.append(&originals).await.unwrap();
+    wal.mark_delivered(&lsns[3..]).await.unwrap();
+    let (segment, _) = damage(dir.path(), b"DAMAGE-ME");
+    let asked = [lsns[2], lsns[1], lsns[0], lsns[3], 9_999];
+    let got = wal.read_queued(&asked);
+    assert_eq!(got.iter().map(|g| g.0).collect::<Vec<_>>(), asked);
+    match &got[0].1 {
+        spool_wal::ReadBack::Entry(e) => assert_eq!(e, &originals[2]),
+        other => panic!("{other:?}"),
+    }
+    match &got[1].1 {
+        spool_wal::ReadBack::Failed(WalError::Corrupt { segment: s, .. }) => {
+            assert_eq!(s, &segment)
+        }
+        other => panic!("{other:?}"),
+    }
+    match &got[2].1 {
+        spool_wal::ReadBack::Entry(e) => assert_eq!(e, &originals[0]),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(got[3].1, spool_wal::ReadBack::Gone), "delivered");
+    assert!(
+        matches!(got[4].1, spool_wal::ReadBack::Gone),
+        "never written"
+    );
+}
+
+/// A pending entry whose sealed segment was deleted behind the WAL's back is
+/// reported `Corrupt` (missing), never skipped as if it were gone.
+#[tokio::test]
+async fn read_queued_reports_a_missing_segment_of_a_pending_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path(), WalConfig::default()).unwrap();
+    let lsn = wal.append(&[entry(1)]).await.unwrap()[0];
+    wal.rotate().await.unwrap();
+    let first = segments(dir.path()).remove(0);
+    std::fs::remove_file(&first).unwrap();
+    match &wal.read_queued(&[lsn])[0].1 {
+        spool_wal::ReadBack::Failed(WalError::Corrupt { reason, .. }) => {
+            assert!(reason.contains("missing"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+}

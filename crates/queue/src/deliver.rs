@@ -18,21 +18,90 @@ use crate::engine::Inner;
 use crate::lane::Lane;
 use crate::Outcome;
 use spool_destination::DestinationError;
-use spool_wal::LoggedEntry;
+use spool_wal::{LoggedEntry, ReadBack, Tracked, WalError};
 use std::sync::Arc;
 use std::time::Duration;
 
 impl Inner {
     pub(crate) async fn worker(self: Arc<Self>, lane: Arc<Lane>) {
-        while let Some(batch) = lane
+        while let Some(lsns) = lane
             .take(self.cfg.batch_max.max(1), self.cfg.batch_linger)
             .await
         {
-            self.deliver(&lane, batch).await;
+            // Read the batch back from the WAL and deliver what was read; what
+            // could not be read for an I/O error is read again with backoff.
+            let (mut todo, mut retry) = (lsns, self.backoff());
+            loop {
+                let (batch, unread) = self.read_back(&lane, todo).await;
+                if !batch.is_empty() {
+                    self.deliver(&lane, batch).await;
+                }
+                if unread.is_empty() {
+                    break;
+                }
+                let d = retry.next();
+                if retry.attempts() >= self.cfg.max_attempts {
+                    let reason = format!("WAL record unreadable: {}", unread[0].1);
+                    let lsns: Vec<u64> = unread.iter().map(|u| u.0).collect();
+                    self.fail(&lane, &lsns, retry.attempts(), &reason, "unreadable")
+                        .await;
+                    break;
+                }
+                tracing::warn!(destination = %lane.name, entries = unread.len(), error = %unread[0].1, retry_ms = d.as_millis() as u64, "could not read queued entries back from the WAL; retrying");
+                self.pause(d).await;
+                todo = unread.into_iter().map(|u| u.0).collect();
+                if self.stop.is_cancelled() {
+                    self.give_up(&lane, &todo);
+                    break;
+                }
+            }
             if self.stop.is_cancelled() {
                 break;
             }
         }
+    }
+
+    /// The records of taken LSNs, read back from the WAL: the entries read,
+    /// and those whose read failed with an I/O error (to retry). An entry no
+    /// longer pending is released and its waiters told its end; one whose
+    /// record is damaged or missing becomes a dead letter at once (never
+    /// marked delivered: it never reached the destination).
+    async fn read_back(
+        &self,
+        lane: &Lane,
+        lsns: Vec<u64>,
+    ) -> (Vec<LoggedEntry>, Vec<(u64, WalError)>) {
+        let wal = self.wal.clone();
+        let asked = lsns.clone();
+        let answers = match tokio::task::spawn_blocking(move || wal.read_queued(&asked)).await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!(destination = %lane.name, error = %e, "reading queued entries back failed; they stay pending");
+                self.give_up(lane, &lsns);
+                return (Vec::new(), Vec::new());
+            }
+        };
+        let (mut batch, mut unread) = (Vec::with_capacity(lsns.len()), Vec::new());
+        for (lsn, answer) in answers {
+            match answer {
+                ReadBack::Entry(entry) => batch.push(LoggedEntry { lsn, entry }),
+                ReadBack::Gone => {
+                    let outcome = match self.wal.status_of(lsn) {
+                        Some(Tracked::Dead { reason, .. }) => Outcome::Failed { reason },
+                        _ => Outcome::Delivered,
+                    };
+                    self.settle([lsn], &outcome);
+                    lane.release(&[lsn], false);
+                }
+                ReadBack::Failed(e @ WalError::Corrupt { .. }) => {
+                    tracing::error!(destination = %lane.name, lsn, error = %e, "a queued entry's WAL record is unreadable: a dead letter");
+                    let reason = format!("WAL record unreadable: {e}");
+                    self.fail(lane, &[lsn], 1, &reason, "unreadable").await;
+                }
+                ReadBack::Failed(e) => unread.push((lsn, e)),
+            }
+        }
+        (batch, unread)
     }
 
     fn backoff(&self) -> Backoff {
@@ -63,7 +132,7 @@ impl Inner {
                 let res = tokio::select! {
                     biased;
                     _ = self.stop.cancelled() => {
-                        self.give_up(lane, &b);
+                        self.give_up(lane, &lsns_of(&b));
                         break;
                     }
                     r = lane.dest.write_batch(&b) => r,
@@ -95,7 +164,7 @@ impl Inner {
                 {
                     if *i < b.len() {
                         let bad = b.remove(*i);
-                        self.fail(lane, &[bad], retry.attempts() + 1, reason, "rejected")
+                        self.fail(lane, &[bad.lsn], retry.attempts() + 1, reason, "rejected")
                             .await;
                         if b.is_empty() {
                             break;
@@ -115,8 +184,14 @@ impl Inner {
                     break;
                 }
                 if e.is_rejection() {
-                    self.fail(lane, &b, retry.attempts() + 1, &e.to_string(), "rejected")
-                        .await;
+                    self.fail(
+                        lane,
+                        &lsns_of(&b),
+                        retry.attempts() + 1,
+                        &e.to_string(),
+                        "rejected",
+                    )
+                    .await;
                     break;
                 }
                 // One entry, unknown cause: an outage after all, or an attempt.
@@ -126,8 +201,14 @@ impl Inner {
                 }
                 let d = retry.next();
                 if retry.attempts() >= self.cfg.max_attempts {
-                    self.fail(lane, &b, retry.attempts(), &e.to_string(), "max_attempts")
-                        .await;
+                    self.fail(
+                        lane,
+                        &lsns_of(&b),
+                        retry.attempts(),
+                        &e.to_string(),
+                        "max_attempts",
+                    )
+                    .await;
                     break;
                 }
                 self.observer.retry(&lane.name);
@@ -136,7 +217,7 @@ impl Inner {
             }
             if self.stop.is_cancelled() {
                 for (rest, _) in work.drain(..) {
-                    self.give_up(lane, &rest);
+                    self.give_up(lane, &lsns_of(&rest));
                 }
             }
         }
@@ -214,33 +295,35 @@ impl Inner {
     async fn fail(
         &self,
         lane: &Lane,
-        b: &[LoggedEntry],
+        lsns: &[u64],
         attempts: u32,
         reason: &str,
         class: &'static str,
     ) {
-        for e in b {
+        for &lsn in lsns {
             self.record(lane, "failure", || {
-                self.wal.mark_failed(e.lsn, attempts, reason)
+                self.wal.mark_failed(lsn, attempts, reason)
             })
             .await;
         }
-        tracing::warn!(destination = %lane.name, entries = b.len(), attempts, reason, "entries became dead letters");
-        self.observer.failed(&lane.name, class, b.len() as u64);
-        let lsns: Vec<u64> = b.iter().map(|e| e.lsn).collect();
+        tracing::warn!(destination = %lane.name, entries = lsns.len(), attempts, reason, "entries became dead letters");
+        self.observer.failed(&lane.name, class, lsns.len() as u64);
         self.settle(
             lsns.iter().copied(),
             &Outcome::Failed {
                 reason: reason.to_owned(),
             },
         );
-        lane.release(&lsns, false);
+        lane.release(lsns, false);
     }
 
     /// The drain deadline passed: these stay pending in the WAL.
-    fn give_up(&self, lane: &Lane, b: &[LoggedEntry]) {
-        let lsns: Vec<u64> = b.iter().map(|e| e.lsn).collect();
+    fn give_up(&self, lane: &Lane, lsns: &[u64]) {
         self.settle(lsns.iter().copied(), &Outcome::Pending);
-        lane.release(&lsns, false);
+        lane.release(lsns, false);
     }
+}
+
+fn lsns_of(b: &[LoggedEntry]) -> Vec<u64> {
+    b.iter().map(|e| e.lsn).collect()
 }

@@ -6,7 +6,7 @@ use crate::keys::Claim;
 use crate::lane::Lane;
 use crate::EntryStatus;
 use crate::{Accepted, IngestError, Outcome, Receipt};
-use spool_wal::{Entry, LoggedEntry};
+use spool_wal::Entry;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -112,13 +112,12 @@ impl Inner {
         for run in write.chunk_by(|a, b| a.source == b.source) {
             self.observer.accepted(&run[0].source, run.len() as u64);
         }
-        let mut by_lane: HashMap<&str, Vec<LoggedEntry>> = HashMap::new();
-        for (entry, lsn) in write.into_iter().zip(lsns) {
+        // The queue holds LSNs: the entries (and their payloads) are dropped
+        // here and read back from the WAL when a worker takes them.
+        let mut by_lane: HashMap<&str, Vec<u64>> = HashMap::new();
+        for (entry, lsn) in write.iter().zip(lsns) {
             let name = self.lanes[&entry.destination].name.as_str();
-            by_lane
-                .entry(name)
-                .or_default()
-                .push(LoggedEntry { lsn, entry });
+            by_lane.entry(name).or_default().push(lsn);
         }
         for (name, v) in by_lane {
             self.lanes[name].push(v);

@@ -1,5 +1,7 @@
 //! One destination's lane: its bounded capacity, the entries waiting for a
-//! worker, and the set of LSNs held in memory (queued or being delivered).
+//! worker — by LSN only: their records are in the WAL, read back when a worker
+//! takes them ([`spool_wal::Wal::read_queued`]) — and the set of LSNs held
+//! (queued or being delivered).
 //!
 //! Capacity is reserved *before* the WAL append and released when an entry is
 //! terminal (delivered or failed) or dropped at shutdown. An entry is held from
@@ -9,7 +11,6 @@
 //! the failure) is redriven once it is released, never dropped.
 
 use spool_destination::Destination;
-use spool_wal::LoggedEntry;
 use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -33,7 +34,7 @@ pub(crate) struct Lane {
 
 #[derive(Default)]
 struct LaneState {
-    items: VecDeque<LoggedEntry>,
+    items: VecDeque<u64>,
     held: HashSet<u64>,
     closed: bool,
     /// Requeued dead letters waiting for the feeder.
@@ -98,15 +99,15 @@ impl Lane {
     /// Queue reserved entries for the workers. Entries already held are not
     /// queued again (their reservation is given back): they are fed again once
     /// released, in case their holder ends them before they were pushed.
-    pub fn push(&self, entries: impl IntoIterator<Item = LoggedEntry>) {
+    pub fn push(&self, lsns: impl IntoIterator<Item = u64>) {
         let mut dup = 0;
         {
             let mut st = self.st();
-            for e in entries {
-                if st.held.insert(e.lsn) {
-                    st.items.push_back(e);
+            for lsn in lsns {
+                if st.held.insert(lsn) {
+                    st.items.push_back(lsn);
                 } else {
-                    st.redrive.insert(e.lsn);
+                    st.redrive.insert(lsn);
                     dup += 1;
                 }
             }
@@ -157,7 +158,7 @@ impl Lane {
 
     /// Take up to `max` entries, waiting up to `linger` for a fuller batch once
     /// the first entry is there. `None` when the lane is closed and empty.
-    pub async fn take(&self, max: usize, linger: Duration) -> Option<Vec<LoggedEntry>> {
+    pub async fn take(&self, max: usize, linger: Duration) -> Option<Vec<u64>> {
         let mut deadline: Option<tokio::time::Instant> = None;
         loop {
             let notified = self.work.notified();
@@ -201,7 +202,7 @@ impl Lane {
 
     /// Drop whatever is still queued (shutdown deadline): it stays pending in the WAL.
     pub fn abandon(&self) -> usize {
-        let lsns: Vec<u64> = self.st().items.drain(..).map(|e| e.lsn).collect();
+        let lsns: Vec<u64> = self.st().items.drain(..).collect();
         self.release(&lsns, false);
         lsns.len()
     }
@@ -246,7 +247,7 @@ impl Lane {
 mod tests {
     use super::*;
     use spool_destination::{DestinationError, Page, Query, StoredEntry};
-    use spool_wal::Entry;
+    use spool_wal::LoggedEntry;
 
     struct Nowhere;
 
@@ -274,13 +275,6 @@ mod tests {
         async fn close(&self) {}
     }
 
-    fn logged(lsn: u64) -> LoggedEntry {
-        LoggedEntry {
-            lsn,
-            entry: Entry::new("s", "nowhere", b"{}".to_vec()),
-        }
-    }
-
     /// A dead letter requeued while its worker still holds it (the FAILED record
     /// is written, the release not yet done): the feeder's push finds it held.
     /// It must be fed again once released — before, it was dropped and stayed
@@ -289,11 +283,11 @@ mod tests {
     fn a_requeue_that_races_the_failure_is_redriven_at_release() {
         let lane = Lane::new(Arc::new(Nowhere), 10);
         assert!(lane.try_reserve(1));
-        lane.push([logged(7)]);
+        lane.push([7]);
         let _in_flight = lane.st().items.pop_front();
         // The requeue's feed of LSN 7 arrives while it is still held.
         assert!(lane.try_reserve(1));
-        lane.push([logged(7)]);
+        lane.push([7]);
         assert_eq!(lane.used(), 1, "the duplicate's reservation is given back");
         assert!(
             lane.take_requeued(10).is_empty(),

@@ -32,62 +32,35 @@ impl Inner {
             if free > 0 {
                 let requeued = lane.take_requeued(free);
                 let from_requeue = !requeued.is_empty();
-                // Given back if the read fails: never dropped.
-                let taken = requeued.clone();
-                let (wal, name) = (self.wal.clone(), lane.name.clone());
-                let read = if from_requeue {
-                    tokio::task::spawn_blocking(move || {
-                        // Only what is still pending: a redriven LSN may have
-                        // been delivered or failed again meanwhile.
-                        let pending: Vec<u64> = requeued
-                            .into_iter()
-                            .filter(|l| wal.status_of(*l) == Some(Tracked::Pending))
-                            .collect();
-                        wal.read_entries(&pending)
-                    })
-                    .await
-                } else if cursor < boundary {
-                    tokio::task::spawn_blocking(move || {
-                        wal.pending_for(&name, cursor, boundary, free)
-                    })
-                    .await
+                // LSNs only: workers read the records back when they take them.
+                let lsns: Vec<u64> = if from_requeue {
+                    // Only what is still pending: a redriven LSN may have been
+                    // delivered or failed again meanwhile.
+                    requeued
+                        .iter()
+                        .copied()
+                        .filter(|l| self.wal.status_of(*l) == Some(Tracked::Pending))
+                        .collect()
                 } else {
-                    Ok(Ok(Vec::new()))
+                    self.wal
+                        .pending_lsns_for(&lane.name, cursor, boundary, free)
                 };
-                match read {
-                    Ok(Ok(entries)) if !entries.is_empty() => {
-                        let last = entries.iter().map(|e| e.lsn).max().unwrap_or(0);
-                        if lane.try_reserve(entries.len()) {
-                            if !from_requeue {
-                                cursor = last;
-                            }
-                            lane.push(entries);
-                            fed = true;
-                        } else if from_requeue {
-                            // An ingest took the space meanwhile: wait for more.
-                            lane.return_requeued(entries.iter().map(|e| e.lsn));
+                if let Some(&last) = lsns.last() {
+                    if lane.try_reserve(lsns.len()) {
+                        if !from_requeue {
+                            cursor = last;
                         }
+                        lane.push(lsns);
+                        fed = true;
+                    } else if from_requeue {
+                        // An ingest took the space meanwhile: wait for more.
+                        lane.return_requeued(requeued);
                     }
-                    Ok(Ok(_)) => {
-                        if from_requeue {
-                            fed = true;
-                        } else if cursor < boundary {
-                            cursor = boundary;
-                            tracing::info!(destination = %lane.name, "WAL backlog fed into the queue");
-                        }
-                    }
-                    Ok(Err(e)) => {
-                        tracing::error!(destination = %lane.name, error = %e, "feeder could not read the WAL");
-                        if from_requeue {
-                            lane.return_requeued(taken);
-                        }
-                    }
-                    Err(e) => {
-                        tracing::error!(destination = %lane.name, error = %e, "feeder task failed");
-                        if from_requeue {
-                            lane.return_requeued(taken);
-                        }
-                    }
+                } else if from_requeue {
+                    fed = true;
+                } else if cursor < boundary {
+                    cursor = boundary;
+                    tracing::info!(destination = %lane.name, "WAL backlog fed into the queue");
                 }
             }
             if fed {

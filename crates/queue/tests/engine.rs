@@ -464,3 +464,65 @@ async fn purged_dead_letters_are_never_delivered() {
     assert_eq!(engine.purge(Select::All).await.unwrap().done.len(), 1);
     assert!(engine.dead_letters(None, 10).is_empty());
 }
+
+/// The queue holds LSNs and workers read records back from the WAL. A queued
+/// entry whose record was damaged on disk before a worker took it becomes a
+/// dead letter naming the segment (never delivered, never marked delivered);
+/// the rest of its batch is delivered byte for byte from the WAL.
+#[tokio::test]
+async fn a_queued_entry_whose_record_is_damaged_is_a_dead_letter_and_the_rest_are_delivered() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let dest = Faulty::new("main");
+    dest.down.store(true, Ordering::SeqCst);
+    let one_worker = EngineConfig {
+        workers: 1,
+        ..cfg()
+    };
+    let engine = Engine::start(wal(dir.path()), vec![dest.clone()], one_worker).unwrap();
+    // The only worker takes this one and retries it while the destination is down.
+    let first = engine.ingest(vec![entry(0)], true).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while dest.attempts.lock().unwrap().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "never attempted");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    // These wait in the queue, as LSNs.
+    let mut marked = entry(2);
+    marked.payload = br#"{"n":2,"mark":"DAMAGE-ME"}"#.to_vec();
+    let originals = vec![entry(1), marked, entry(3)];
+    let r = engine.ingest(originals.clone(), true).await.unwrap();
+    let seg = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "wal"))
+        .unwrap();
+    let bytes = std::fs::read(&seg).unwrap();
+    let at = bytes.windows(9).position(|w| w == b"DAMAGE-ME").unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
+    f.write_all_at(b"X", at as u64).unwrap();
+    dest.down.store(false, Ordering::SeqCst);
+    assert_eq!(first.outcomes().await, vec![Outcome::Delivered]);
+    let accepted = r.accepted.clone();
+    let outcomes = r.outcomes().await;
+    assert_eq!(outcomes[0], Outcome::Delivered);
+    assert_eq!(outcomes[2], Outcome::Delivered);
+    match &outcomes[1] {
+        Outcome::Failed { reason } => assert!(
+            reason.contains("WAL record unreadable") && reason.contains("corrupt WAL: segment"),
+            "{reason}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    let rows = dest.rows.lock().unwrap().clone();
+    for (i, a) in accepted.iter().enumerate() {
+        match rows.get(&a.id) {
+            Some(row) => assert_eq!(row.entry, originals[i], "entry {i} as accepted"),
+            None => assert_eq!(i, 1, "entry {i} not delivered"),
+        }
+    }
+    let dead = engine.dead_letters(None, 10);
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].lsn, accepted[1].lsn);
+    engine.shutdown(Duration::from_secs(5)).await;
+}

@@ -1,0 +1,195 @@
+//! Reading entries back from the segments: the backlog and the delivery
+//! queue's records ([`Wal::read_queued`]), by the offsets the state tracks.
+
+use crate::entry::{Entry, LoggedEntry};
+use crate::error::{Result, WalError};
+use crate::format::{self, FrameParse, Kind};
+use crate::segment::{self, FrameReader, SegmentFile};
+use crate::state::Tracked;
+use crate::wal::Wal;
+
+/// A queued entry read back from the WAL for delivery ([`Wal::read_queued`]).
+#[derive(Debug)]
+pub enum ReadBack {
+    /// The entry, as it was appended (its record's CRC checked).
+    Entry(Entry),
+    /// No longer pending (delivered, a dead letter, purged): nothing to deliver.
+    Gone,
+    /// Its record cannot be read: `WalError::Corrupt` when its bytes are
+    /// damaged or its segment is gone (retrying cannot help), else the I/O
+    /// error (a retry may pass).
+    Failed(WalError),
+}
+
+impl Wal {
+    /// Read up to `limit` pending entries with LSN > `after`, oldest first, from
+    /// disk. Used to feed the delivery queue after a restart, as space allows.
+    pub fn pending_after(&self, after: u64, limit: usize) -> Result<Vec<LoggedEntry>> {
+        self.read_tracked(after, limit, |s| *s == Tracked::Pending)
+    }
+
+    /// Up to `limit` LSNs pending for `destination` with `after < LSN ≤ upto`,
+    /// oldest first: the state alone, no read (the delivery queue holds LSNs
+    /// and reads the records back when it delivers them, [`Wal::read_queued`]).
+    pub fn pending_lsns_for(
+        &self,
+        destination: &str,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Vec<u64> {
+        if after >= upto {
+            return Vec::new();
+        }
+        let st = self.shared.state();
+        st.tracked
+            .range(after + 1..=upto)
+            .filter(|(_, m)| m.status == Tracked::Pending && &*m.destination == destination)
+            .take(limit)
+            .map(|(l, _)| *l)
+            .collect()
+    }
+
+    /// Read queued entries back for delivery: one answer per LSN asked, in
+    /// the order asked, never an omission. An entry no longer pending is
+    /// [`ReadBack::Gone`]; a record that cannot be read is
+    /// [`ReadBack::Failed`] with `Corrupt` (its bytes are damaged, or its
+    /// segment is missing although the entry is pending: retrying cannot help)
+    /// or another error (I/O: it may pass on a retry). One bad record never
+    /// hides the others.
+    pub fn read_queued(&self, lsns: &[u64]) -> Vec<(u64, ReadBack)> {
+        let mut wanted: Vec<(u64, u64, u64)> = Vec::with_capacity(lsns.len());
+        let mut answers: std::collections::HashMap<u64, ReadBack> = {
+            let st = self.shared.state();
+            lsns.iter()
+                .filter_map(|&l| {
+                    let place = st
+                        .tracked
+                        .get(&l)
+                        .filter(|m| m.status == Tracked::Pending)
+                        .and_then(|m| Some((st.segment_of(l)?, m.offset)));
+                    match place {
+                        Some((seg, off)) => {
+                            wanted.push((seg, off, l));
+                            None
+                        }
+                        None => Some((l, ReadBack::Gone)),
+                    }
+                })
+                .collect()
+        };
+        wanted.sort_unstable();
+        let mut open: Option<(u64, std::result::Result<FrameReader, WalError>)> = None;
+        for (seg, off, lsn) in wanted {
+            if open.as_ref().map(|o| o.0) != Some(seg) {
+                let file = SegmentFile::new(&self.shared.dir, seg);
+                let r = FrameReader::open(&file).map_err(|e| match e {
+                    e if segment::is_missing(&e) => WalError::Corrupt {
+                        segment: file.name.clone(),
+                        offset: off,
+                        reason: "the segment holding a pending entry is missing".into(),
+                    },
+                    e => e,
+                });
+                open = Some((seg, r));
+            }
+            let answer = match open.as_mut().map(|o| &mut o.1) {
+                Some(Ok(r)) => match r.frame_at(off) {
+                    Ok(FrameParse::Ok(fr)) if fr.lsn == lsn && fr.kind == Kind::Entry => {
+                        match format::decode_entry(fr.body) {
+                            Ok(entry) => ReadBack::Entry(entry),
+                            Err(e) => ReadBack::Failed(r.corrupt(off, e.0)),
+                        }
+                    }
+                    Ok(FrameParse::Bad(reason)) => ReadBack::Failed(r.corrupt(off, reason)),
+                    Ok(FrameParse::Ok(_) | FrameParse::Incomplete) => ReadBack::Failed(
+                        r.corrupt(off, "the pending entry's offset does not hold it"),
+                    ),
+                    Err(e) => ReadBack::Failed(e),
+                },
+                Some(Err(e)) => ReadBack::Failed(e.clone()),
+                None => unreachable!("opened above"),
+            };
+            answers.insert(lsn, answer);
+        }
+        lsns.iter()
+            .map(|l| (*l, answers.remove(l).unwrap_or(ReadBack::Gone)))
+            .collect()
+    }
+
+    /// Entries pending for `destination`.
+    pub fn pending_count_for(&self, destination: &str) -> u64 {
+        let st = self.shared.state();
+        st.tracked
+            .values()
+            .filter(|m| m.status == Tracked::Pending && &*m.destination == destination)
+            .count() as u64
+    }
+
+    /// Read the given tracked entries (pending or dead) from disk, in LSN order.
+    /// LSNs the WAL no longer tracks are left out.
+    pub fn read_entries(&self, lsns: &[u64]) -> Result<Vec<LoggedEntry>> {
+        let wanted: Vec<(u64, u64, u64)> = {
+            let st = self.shared.state();
+            let mut v: Vec<_> = lsns
+                .iter()
+                .filter_map(|l| {
+                    let m = st.tracked.get(l)?;
+                    Some((*l, st.segment_of(*l)?, m.offset))
+                })
+                .collect();
+            v.sort_unstable();
+            v
+        };
+        self.read_at(&wanted)
+    }
+
+    fn read_tracked(
+        &self,
+        after: u64,
+        limit: usize,
+        keep: impl Fn(&Tracked) -> bool,
+    ) -> Result<Vec<LoggedEntry>> {
+        let wanted: Vec<(u64, u64, u64)> = {
+            let st = self.shared.state();
+            st.tracked
+                .range(after.saturating_add(1)..)
+                .filter(|(_, m)| keep(&m.status))
+                .take(limit)
+                .filter_map(|(l, m)| Some((*l, st.segment_of(*l)?, m.offset)))
+                .collect()
+        };
+        self.read_at(&wanted)
+    }
+
+    /// Read ENTRY frames at (lsn, segment, offset), sorted by lsn.
+    fn read_at(&self, wanted: &[(u64, u64, u64)]) -> Result<Vec<LoggedEntry>> {
+        let mut out = Vec::with_capacity(wanted.len());
+        let mut open: Option<(u64, FrameReader)> = None;
+        for &(lsn, seg, off) in wanted {
+            if open.as_ref().map(|o| o.0) != Some(seg) {
+                match FrameReader::open(&SegmentFile::new(&self.shared.dir, seg)) {
+                    Ok(r) => open = Some((seg, r)),
+                    // Removed by retention since we looked: no longer tracked.
+                    Err(e) if segment::is_missing(&e) => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+            let (_, r) = open.as_mut().expect("opened above");
+            let entry = match r.frame_at(off)? {
+                FrameParse::Ok(fr) if fr.lsn == lsn && fr.kind == Kind::Entry => {
+                    format::decode_entry(fr.body).map_err(|e| e.0)
+                }
+                FrameParse::Bad(reason) => Err(reason),
+                FrameParse::Ok(_) | FrameParse::Incomplete => {
+                    Err("tracked offset does not hold the entry")
+                }
+            };
+            match entry {
+                Ok(entry) => out.push(LoggedEntry { lsn, entry }),
+                Err(reason) => return Err(r.corrupt(off, reason)),
+            }
+        }
+        Ok(out)
+    }
+}
