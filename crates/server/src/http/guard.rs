@@ -11,12 +11,7 @@ pub(crate) struct HostGuard {
     /// Lower-case `host:port` (and, for `allowed_hosts` entries without a port,
     /// bare host names, which then match on any port).
     allowed: Vec<String>,
-    /// Listening on loopback.
-    loopback: bool,
 }
-
-/// The names of the loopback interface.
-const LOOPBACK: [&str; 3] = ["localhost", "127.0.0.1", "[::1]"];
 
 impl HostGuard {
     /// `None` when every source has a token and the admin API needs one.
@@ -30,26 +25,17 @@ impl HostGuard {
         let port = s.listen.port();
         let mut allowed = vec![s.listen.to_string()];
         if s.listen.ip().is_loopback() {
-            for h in LOOPBACK {
+            for h in ["localhost", "127.0.0.1", "[::1]"] {
                 allowed.push(format!("{h}:{port}"));
             }
         }
         allowed.extend(s.allowed_hosts.iter().map(|h| h.to_ascii_lowercase()));
-        Some(HostGuard {
-            allowed,
-            loopback: s.listen.ip().is_loopback(),
-        })
+        Some(HostGuard { allowed })
     }
 
     /// Whether `host` (a `Host` header or an origin's authority) is ours.
     fn allows(&self, host: &str) -> bool {
         let host = host.trim().to_ascii_lowercase();
-        // A loopback name without a port (some clients omit it): no page can
-        // make a browser send it for its own site (rebinding needs a name of
-        // the attacker's).
-        if self.loopback && LOOPBACK.contains(&host.as_str()) {
-            return true;
-        }
         let bare = match host.rsplit_once(':') {
             Some((h, p)) if !h.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => h,
             _ => host.as_str(),
