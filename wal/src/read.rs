@@ -81,17 +81,9 @@ impl Wal {
         wanted.sort_unstable();
         let mut open: Option<(u64, std::result::Result<FrameReader, WalError>)> = None;
         for (seg, off, lsn) in wanted {
+            let file = SegmentFile::new(&self.shared.dir, seg);
             if open.as_ref().map(|o| o.0) != Some(seg) {
-                let file = SegmentFile::new(&self.shared.dir, seg);
-                let r = FrameReader::open(&file).map_err(|e| match e {
-                    e if segment::is_missing(&e) => WalError::Corrupt {
-                        segment: file.name.clone(),
-                        offset: off,
-                        reason: "the segment holding a pending entry is missing".into(),
-                    },
-                    e => e,
-                });
-                open = Some((seg, r));
+                open = Some((seg, FrameReader::open(&file)));
             }
             let answer = match open.as_mut().map(|o| &mut o.1) {
                 Some(Ok(r)) => match r.frame_at(off) {
@@ -107,6 +99,12 @@ impl Wal {
                     ),
                     Err(e) => ReadBack::Failed(e),
                 },
+                // Each entry of a missing segment named with its own offset.
+                Some(Err(e)) if segment::is_missing(e) => ReadBack::Failed(WalError::Corrupt {
+                    segment: file.name.clone(),
+                    offset: off,
+                    reason: "the segment holding a pending entry is missing".into(),
+                }),
                 Some(Err(e)) => ReadBack::Failed(e.clone()),
                 None => unreachable!("opened above"),
             };

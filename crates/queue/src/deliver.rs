@@ -29,27 +29,22 @@ impl Inner {
             .await
         {
             // Read the batch back from the WAL and deliver what was read; what
-            // could not be read for an I/O error is read again with backoff.
+            // could not be read for an I/O error (a local fault the entry did
+            // not cause: no attempt is counted, like an outage) is read again
+            // with backoff until it reads or the drain deadline passes.
             let (mut todo, mut retry) = (lsns, self.backoff());
             loop {
                 let (batch, unread) = self.read_back(&lane, todo).await;
                 if !batch.is_empty() {
                     self.deliver(&lane, batch).await;
                 }
-                if unread.is_empty() {
+                let Some((_, first)) = unread.first() else {
                     break;
-                }
+                };
                 let d = retry.next();
-                if retry.attempts() >= self.cfg.max_attempts {
-                    let reason = format!("WAL record unreadable: {}", unread[0].1);
-                    let lsns: Vec<u64> = unread.iter().map(|u| u.0).collect();
-                    self.fail(&lane, &lsns, retry.attempts(), &reason, "unreadable")
-                        .await;
-                    break;
-                }
-                tracing::warn!(destination = %lane.name, entries = unread.len(), error = %unread[0].1, retry_ms = d.as_millis() as u64, "could not read queued entries back from the WAL; retrying");
-                self.pause(d).await;
+                tracing::warn!(destination = %lane.name, entries = unread.len(), error = %first, retry_ms = d.as_millis() as u64, "could not read queued entries back from the WAL; retrying");
                 todo = unread.into_iter().map(|u| u.0).collect();
+                self.pause(d).await;
                 if self.stop.is_cancelled() {
                     self.give_up(&lane, &todo);
                     break;
@@ -62,7 +57,7 @@ impl Inner {
     }
 
     /// The records of taken LSNs, read back from the WAL: the entries read,
-    /// and those whose read failed with an I/O error (to retry). An entry no
+    /// and those whose read failed with an I/O error (to read again). An entry no
     /// longer pending is released and its waiters told its end; one whose
     /// record is damaged or missing becomes a dead letter at once (never
     /// marked delivered: it never reached the destination).
@@ -76,8 +71,11 @@ impl Inner {
         let answers = match tokio::task::spawn_blocking(move || wal.read_queued(&asked)).await {
             Ok(a) => a,
             Err(e) => {
-                tracing::error!(destination = %lane.name, error = %e, "reading queued entries back failed; they stay pending");
-                self.give_up(lane, &lsns);
+                // A bug, not the entries' fault: fed again by the feeder.
+                tracing::error!(destination = %lane.name, error = %e, "reading queued entries back failed; queued again");
+                self.settle(lsns.iter().copied(), &Outcome::Pending);
+                lane.release(&lsns, false);
+                lane.add_requeued(lsns);
                 return (Vec::new(), Vec::new());
             }
         };
@@ -253,7 +251,7 @@ impl Inner {
     /// an entry is terminal only once its marker is in the WAL, so its capacity
     /// stays held meanwhile. At the drain deadline it gives up; the entry then
     /// stays pending and is redelivered (idempotently) after the next start.
-    async fn record<F, Fut>(&self, lane: &Lane, what: &str, append: F)
+    async fn record<F, Fut>(&self, lane: &Lane, what: &str, append: F) -> bool
     where
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = spool_wal::Result<()>>,
@@ -265,10 +263,10 @@ impl Inner {
         );
         loop {
             match append().await {
-                Ok(()) => return,
+                Ok(()) => return true,
                 Err(e) if self.stop.is_cancelled() || !e.is_retryable() => {
                     tracing::warn!(destination = %lane.name, error = %e, "could not record {what} in the WAL; the entries stay pending");
-                    return;
+                    return false;
                 }
                 Err(e) => {
                     let d = retry.next();
@@ -281,6 +279,8 @@ impl Inner {
 
     async fn delivered(&self, lane: &Lane, b: &[LoggedEntry], duplicates: u64) {
         let lsns: Vec<u64> = b.iter().map(|e| e.lsn).collect();
+        // Delivered either way (a lost marker only means a redelivery, which
+        // the destination answers as a duplicate).
         self.record(lane, "delivery", || self.wal.mark_delivered(&lsns))
             .await;
         let at: Vec<i64> = b.iter().map(|e| e.entry.accepted_at_us).collect();
@@ -300,21 +300,33 @@ impl Inner {
         reason: &str,
         class: &'static str,
     ) {
+        let mut recorded = Vec::with_capacity(lsns.len());
         for &lsn in lsns {
-            self.record(lane, "failure", || {
-                self.wal.mark_failed(lsn, attempts, reason)
-            })
-            .await;
+            if self
+                .record(lane, "failure", || {
+                    self.wal.mark_failed(lsn, attempts, reason)
+                })
+                .await
+            {
+                recorded.push(lsn);
+            } else {
+                // No FAILED marker: still pending in the WAL, never "failed".
+                self.give_up(lane, &[lsn]);
+            }
         }
-        tracing::warn!(destination = %lane.name, entries = lsns.len(), attempts, reason, "entries became dead letters");
-        self.observer.failed(&lane.name, class, lsns.len() as u64);
+        if recorded.is_empty() {
+            return;
+        }
+        tracing::warn!(destination = %lane.name, entries = recorded.len(), attempts, reason, "entries became dead letters");
+        self.observer
+            .failed(&lane.name, class, recorded.len() as u64);
         self.settle(
-            lsns.iter().copied(),
+            recorded.iter().copied(),
             &Outcome::Failed {
                 reason: reason.to_owned(),
             },
         );
-        lane.release(lsns, false);
+        lane.release(&recorded, false);
     }
 
     /// The drain deadline passed: these stay pending in the WAL.

@@ -33,17 +33,29 @@ impl Inner {
                 let requeued = lane.take_requeued(free);
                 let from_requeue = !requeued.is_empty();
                 // LSNs only: workers read the records back when they take them.
-                let lsns: Vec<u64> = if from_requeue {
-                    // Only what is still pending: a redriven LSN may have been
-                    // delivered or failed again meanwhile.
-                    requeued
-                        .iter()
-                        .copied()
-                        .filter(|l| self.wal.status_of(*l) == Some(Tracked::Pending))
-                        .collect()
-                } else {
-                    self.wal
-                        .pending_lsns_for(&lane.name, cursor, boundary, free)
+                // The WAL state is scanned off the async threads.
+                let (wal, name, asked) = (self.wal.clone(), lane.name.clone(), requeued.clone());
+                let scan = tokio::task::spawn_blocking(move || {
+                    if from_requeue {
+                        // Only what is still pending: a redriven LSN may have
+                        // been delivered or failed again meanwhile.
+                        asked
+                            .into_iter()
+                            .filter(|l| wal.status_of(*l) == Some(Tracked::Pending))
+                            .collect()
+                    } else {
+                        wal.pending_lsns_for(&name, cursor, boundary, free)
+                    }
+                })
+                .await;
+                let lsns: Vec<u64> = match scan {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!(destination = %lane.name, error = %e, "feeder task failed");
+                        lane.return_requeued(requeued);
+                        tokio::task::yield_now().await;
+                        continue;
+                    }
                 };
                 if let Some(&last) = lsns.last() {
                     if lane.try_reserve(lsns.len()) {
@@ -64,6 +76,7 @@ impl Inner {
                 }
             }
             if fed {
+                tokio::task::yield_now().await;
                 continue;
             }
             tokio::select! {
