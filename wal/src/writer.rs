@@ -129,6 +129,10 @@ pub(crate) struct Writer {
     /// Records other than the head checkpoint are in the current segment (or the
     /// buffer): only then may it rotate, so an oversized append cannot rotate forever.
     pub seg_has_records: bool,
+    /// Bytes of the current segment before its first record: the header and,
+    /// when this writer made the segment, the head checkpoint (which grows with
+    /// the pending set and is not counted against `segment_bytes`).
+    seg_head: u64,
     pub next_lsn: u64,
     /// Highest LSN written to the file.
     pub written_lsn: u64,
@@ -161,6 +165,9 @@ impl Writer {
             seg_len,
             synced_len: seg_len,
             seg_has_records: seg_len > format::SEGMENT_HEADER_LEN as u64,
+            // A segment continued at open: its checkpoint's length is not
+            // known here, so it counts (one early rotation at most).
+            seg_head: format::SEGMENT_HEADER_LEN as u64,
             next_lsn,
             written_lsn: next_lsn - 1,
             buf: Vec::with_capacity(1 << 20),
@@ -275,7 +282,7 @@ impl Writer {
                         .map(|(_, b)| (FRAME_HEADER_LEN + b.len()) as u64)
                         .sum();
                     if (self.seg_has_records || !self.buf.is_empty())
-                        && self.seg_len + self.buf.len() as u64 + size
+                        && self.seg_len.saturating_sub(self.seg_head) + self.buf.len() as u64 + size
                             > self.shared.config.segment_bytes
                     {
                         if let Err(e) = self.rotate() {
@@ -507,6 +514,7 @@ impl Writer {
         self.file = file;
         self.seg_first = first;
         self.seg_len = len;
+        self.seg_head = len;
         self.synced_len = len;
         self.seg_has_records = false;
         self.publish(first);

@@ -400,3 +400,34 @@ async fn read_queued_reports_a_missing_segment_of_a_pending_entry() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A segment begins with a checkpoint listing every pending entry; with many
+/// pending that checkpoint alone can exceed `segment_bytes`. The records after
+/// it still fill a segment before the next rotation — before, every append
+/// group rotated, each writing (and fsyncing) the whole checkpoint again.
+#[tokio::test]
+async fn a_checkpoint_larger_than_a_segment_does_not_make_every_append_rotate() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path(), small(4096)).unwrap();
+    for chunk in 0..8 {
+        let batch: Vec<_> = (0..50).map(|n| entry(chunk * 50 + n)).collect();
+        wal.append(&batch).await.unwrap();
+    }
+    wal.rotate().await.unwrap();
+    let head = std::fs::metadata(segments(dir.path()).last().unwrap())
+        .unwrap()
+        .len();
+    assert!(
+        head > 4096,
+        "the checkpoint of 400 pending ({head} bytes) exceeds a segment"
+    );
+    let before = segments(dir.path()).len();
+    for n in 0..20 {
+        wal.append(&[entry(1000 + n)]).await.unwrap();
+    }
+    let added = segments(dir.path()).len() - before;
+    assert!(added <= 1, "20 small appends made {added} segments");
+    drop(wal);
+    let wal = Wal::open(dir.path(), small(4096)).unwrap();
+    assert_eq!(wal.status().pending, 420);
+}
