@@ -86,17 +86,8 @@ impl Wal {
                 open = Some((seg, FrameReader::open(&file)));
             }
             let answer = match open.as_mut().map(|o| &mut o.1) {
-                Some(Ok(r)) => match r.frame_at(off) {
-                    Ok(FrameParse::Ok(fr)) if fr.lsn == lsn && fr.kind == Kind::Entry => {
-                        match format::decode_entry(fr.body) {
-                            Ok(entry) => ReadBack::Entry(entry),
-                            Err(e) => ReadBack::Failed(r.corrupt(off, e.0)),
-                        }
-                    }
-                    Ok(FrameParse::Bad(reason)) => ReadBack::Failed(r.corrupt(off, reason)),
-                    Ok(FrameParse::Ok(_) | FrameParse::Incomplete) => ReadBack::Failed(
-                        r.corrupt(off, "the pending entry's offset does not hold it"),
-                    ),
+                Some(Ok(r)) => match entry_at(r, lsn, off) {
+                    Ok(entry) => ReadBack::Entry(entry),
                     Err(e) => ReadBack::Failed(e),
                 },
                 // Each entry of a missing segment named with its own offset.
@@ -174,20 +165,26 @@ impl Wal {
                 }
             }
             let (_, r) = open.as_mut().expect("opened above");
-            let entry = match r.frame_at(off)? {
-                FrameParse::Ok(fr) if fr.lsn == lsn && fr.kind == Kind::Entry => {
-                    format::decode_entry(fr.body).map_err(|e| e.0)
-                }
-                FrameParse::Bad(reason) => Err(reason),
-                FrameParse::Ok(_) | FrameParse::Incomplete => {
-                    Err("tracked offset does not hold the entry")
-                }
-            };
-            match entry {
-                Ok(entry) => out.push(LoggedEntry { lsn, entry }),
-                Err(reason) => return Err(r.corrupt(off, reason)),
-            }
+            out.push(LoggedEntry {
+                lsn,
+                entry: entry_at(r, lsn, off)?,
+            });
         }
         Ok(out)
     }
+}
+
+/// The ENTRY record `lsn` at `off`: its frame checked (CRC, LSN, kind) and
+/// decoded; anything else there is `Corrupt`, naming segment and offset.
+fn entry_at(r: &mut FrameReader, lsn: u64, off: u64) -> Result<Entry> {
+    let entry = match r.frame_at(off)? {
+        FrameParse::Ok(fr) if fr.lsn == lsn && fr.kind == Kind::Entry => {
+            format::decode_entry(fr.body).map_err(|e| e.0)
+        }
+        FrameParse::Bad(reason) => Err(reason),
+        FrameParse::Ok(_) | FrameParse::Incomplete => {
+            Err("the tracked offset does not hold the entry")
+        }
+    };
+    entry.map_err(|reason| r.corrupt(off, reason))
 }
