@@ -196,6 +196,10 @@ pub(crate) fn screen(name: &str, batch: &[LoggedEntry], no_nul: bool) -> Result<
     Ok(())
 }
 
+/// Rows per words-backfill statement (both destinations): at most this many
+/// payloads in memory at once.
+pub(crate) const BACKFILL_ROWS: i64 = 100;
+
 /// A page's first step: the candidates in page order, each (id, accepted at,
 /// payload bytes).
 pub(crate) type Candidates = Vec<(uuid::Uuid, i64, i64)>;

@@ -16,7 +16,10 @@
 use crate::error::classify;
 use crate::query::{fitting, Query};
 use crate::words::{payload_words, query_words, tsquery};
-use crate::{page, screen, Candidates, Destination, DestinationError, Page, Result, StoredEntry};
+use crate::{
+    page, screen, Candidates, Destination, DestinationError, Page, Result, StoredEntry,
+    BACKFILL_ROWS,
+};
 use async_trait::async_trait;
 use futures_util::TryStreamExt;
 use spool_wal::{Entry, LoggedEntry};
@@ -246,9 +249,6 @@ impl PostgresDestination {
         }
     }
 }
-
-/// Rows per backfill statement: at most this many payloads in memory at once.
-const BACKFILL_ROWS: i64 = 100;
 
 /// Compute the words of rows without them, in id order, [`BACKFILL_ROWS`] at
 /// a time, up to id `upto` (all of them when `None`). In migration 3 that is

@@ -14,7 +14,10 @@
 use crate::error::classify;
 use crate::query::{fitting, Query};
 use crate::words::{fts5_query, payload_words, query_words};
-use crate::{page, screen, Candidates, Destination, DestinationError, Page, Result, StoredEntry};
+use crate::{
+    page, screen, Candidates, Destination, DestinationError, Page, Result, StoredEntry,
+    BACKFILL_ROWS,
+};
 use async_trait::async_trait;
 use futures_util::TryStreamExt;
 use spool_wal::{Entry, LoggedEntry};
@@ -215,9 +218,6 @@ impl SqliteDestination {
         })
     }
 }
-
-/// Rows per backfill statement: at most this many payloads in memory at once.
-const BACKFILL_ROWS: i64 = 100;
 
 /// Index the words of every row stored before migration 3.
 async fn backfill_words(conn: &mut sqlx::SqliteConnection) -> sqlx::Result<()> {

@@ -19,17 +19,21 @@ struct Door {
 impl Door {
     /// A server on the embedded SQLite default, or on Postgres at `pg`.
     fn start(pg: Option<&str>) -> Door {
-        let dir = tempfile::tempdir().unwrap();
-        let wal = dir.path().join("wal");
         let dest = match pg {
             Some(url) => {
                 format!("[[destination]]\nname = \"main\"\nkind = \"postgres\"\nurl = \"{url}\"\n")
             }
             None => String::new(),
         };
+        Door::with_config("", &dest)
+    }
+
+    /// A server whose config has `head` before its `[wal]` table and `tail` after.
+    fn with_config(head: &str, tail: &str) -> Door {
+        let dir = tempfile::tempdir().unwrap();
         let cfg = Config::parse(&format!(
-            "[wal]\ndir = \"{}\"\nmin_free_bytes = 0\n{dest}",
-            wal.display()
+            "{head}[wal]\ndir = \"{}\"\nmin_free_bytes = 0\n{tail}",
+            dir.path().join("wal").display()
         ))
         .unwrap();
         let app = spool_server::wire(cfg).unwrap();
@@ -349,19 +353,7 @@ async fn browser_requests_cannot_write_the_open_default() {
 
 /// A door whose config adds `server` keys.
 fn door_with(server_keys: &str) -> Door {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = Config::parse(&format!(
-        "[server]\n{server_keys}\n[wal]\ndir = \"{}\"\nmin_free_bytes = 0\n",
-        dir.path().join("wal").display()
-    ))
-    .unwrap();
-    let app = spool_server::wire(cfg).unwrap();
-    let router = spool_server::http::router(app.clone());
-    Door {
-        app,
-        router,
-        _dir: dir,
-    }
+    Door::with_config(&format!("[server]\n{server_keys}\n"), "")
 }
 
 /// A write whose body arrives only when the returned sender says so.
