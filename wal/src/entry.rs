@@ -5,7 +5,7 @@ use uuid::Uuid;
 
 /// An accepted entry. Defined once for the whole workspace: the WAL stores it,
 /// the queue carries it, destinations write it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Entry {
     /// Globally unique id (UUIDv7, assigned at accept). Destinations upsert by it.
     pub id: Uuid,
@@ -21,10 +21,13 @@ pub struct Entry {
     pub accepted_at_us: i64,
     /// The entry exactly as posted (JSON text).
     pub payload: Vec<u8>,
+    /// The entry's embedding (finite numbers, the source's `embedding_dims`), if it
+    /// carried one; delivered for vector search.
+    pub embedding: Option<Vec<f32>>,
 }
 
 /// An entry together with the LSN of its ENTRY record.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LoggedEntry {
     /// LSN of the ENTRY record.
     pub lsn: u64,
@@ -50,6 +53,7 @@ impl Entry {
             idempotency_key: None,
             accepted_at_us: now_us(),
             payload,
+            embedding: None,
         }
     }
 
@@ -65,6 +69,7 @@ impl Entry {
             + self.idempotency_key.as_ref().map_or(0, |s| 4 + s.len())
             + 4
             + self.payload.len()
+            + self.embedding.as_ref().map_or(0, |v| 4 + 4 * v.len())
     }
 }
 

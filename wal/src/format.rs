@@ -10,7 +10,7 @@ use uuid::Uuid;
 /// First eight bytes of every segment file.
 pub const SEGMENT_MAGIC: [u8; 8] = *b"SPOOLWAL";
 /// Version of the segment and record format written by this build.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 /// Oldest format version this build reads (version 1 has no [`FRAME_FLAG_SYNCED`]
 /// and no segment list in its checkpoints; both read as absent).
 pub const MIN_READ_VERSION: u32 = 1;
@@ -48,6 +48,8 @@ pub enum Kind {
     Checkpoint = 5,
     /// Dead letters an operator discarded (a batch of LSNs). Since version 3.
     Purged = 6,
+    /// Entries forgotten (by id or by subject) by a producer. Since version 4.
+    Tombstone = 7,
 }
 
 impl Kind {
@@ -60,6 +62,7 @@ impl Kind {
             4 => Kind::Requeued,
             5 => Kind::Checkpoint,
             6 => Kind::Purged,
+            7 => Kind::Tombstone,
             _ => return None,
         })
     }
@@ -73,12 +76,13 @@ impl Kind {
             Kind::Requeued => "requeued",
             Kind::Checkpoint => "checkpoint",
             Kind::Purged => "purged",
+            Kind::Tombstone => "tombstone",
         }
     }
 }
 
 /// A decoded record body.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Record {
     /// An accepted entry.
     Entry(Entry),
@@ -99,6 +103,8 @@ pub enum Record {
     Checkpoint(Checkpoint),
     /// These dead letters were discarded by an operator: terminal, never delivered.
     Purged(Vec<u64>),
+    /// Entries a producer forgot.
+    Tombstone(Tombstone),
 }
 
 impl Record {
@@ -111,6 +117,7 @@ impl Record {
             Record::Requeued(_) => Kind::Requeued,
             Record::Checkpoint(_) => Kind::Checkpoint,
             Record::Purged(_) => Kind::Purged,
+            Record::Tombstone(_) => Kind::Tombstone,
         }
     }
 }
@@ -131,6 +138,54 @@ pub struct Checkpoint {
     /// Purged dead letters whose ENTRY record may still be retained (version 3;
     /// written only after a segment list): replay must never deliver them.
     pub purged: Vec<u64>,
+    /// TOMBSTONE records still retained in the segments before this checkpoint's
+    /// own (version 4): recovery reads them at their offsets, so what they forgot
+    /// stays forgotten.
+    pub tombstones: Vec<TombRef>,
+}
+
+/// A TOMBSTONE record as a checkpoint lists it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TombRef {
+    /// LSN of the TOMBSTONE record.
+    pub lsn: u64,
+    /// Byte offset of its frame in its segment.
+    pub offset: u64,
+    /// Whether the destination has applied it (the delete is done).
+    pub delivered: bool,
+}
+
+/// Body of a TOMBSTONE record: what a producer of `source` forgot. Covers the
+/// entries of `source` whose id is in `ids`, and — with `subject` — every entry
+/// of `source` with that subject accepted at or before `at_us`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tombstone {
+    /// When the forget was accepted, µs since the epoch.
+    pub at_us: i64,
+    /// Source whose entries are forgotten.
+    pub source: String,
+    /// Destination the delete is delivered to.
+    pub destination: String,
+    /// Entry ids forgotten.
+    pub ids: Vec<Uuid>,
+    /// Forget every entry with this subject accepted at or before `at_us`.
+    pub subject: Option<String>,
+}
+
+impl Tombstone {
+    /// Whether this tombstone forgets the entry.
+    pub fn covers(&self, e: &EntryRef<'_>) -> bool {
+        self.covers_parts(e.source, e.id, e.subject, e.accepted_at_us)
+    }
+
+    /// [`Tombstone::covers`] on an entry's parts.
+    pub fn covers_parts(&self, source: &str, id: Uuid, subject: Option<&str>, at_us: i64) -> bool {
+        source == self.source
+            && (self.ids.contains(&id)
+                || (self.subject.is_some()
+                    && subject == self.subject.as_deref()
+                    && at_us <= self.at_us))
+    }
 }
 
 /// A dead letter as a checkpoint records it.
@@ -288,10 +343,12 @@ pub fn parse_frame(buf: &[u8]) -> FrameParse<'_> {
 
 const ENTRY_HAS_SUBJECT: u8 = 1;
 const ENTRY_HAS_IDEMPOTENCY_KEY: u8 = 2;
+const ENTRY_HAS_EMBEDDING: u8 = 4;
+const TOMBSTONE_HAS_SUBJECT: u8 = 1;
 
 /// Encode an ENTRY body. Field order (do not reorder): id(16) accepted_at_us(i64)
 /// flags(u8) source(str16) destination(str16) [subject(str32)] [idempotency_key(str32)]
-/// payload(bytes32).
+/// payload(bytes32) [embedding: count(u32) × f32] (version 4).
 pub fn encode_entry(e: &Entry, out: &mut Vec<u8>) {
     out.reserve(64 + e.source.len() + e.destination.len() + e.payload.len());
     out.extend_from_slice(e.id.as_bytes());
@@ -303,6 +360,9 @@ pub fn encode_entry(e: &Entry, out: &mut Vec<u8>) {
     if e.idempotency_key.is_some() {
         flags |= ENTRY_HAS_IDEMPOTENCY_KEY;
     }
+    if e.embedding.is_some() {
+        flags |= ENTRY_HAS_EMBEDDING;
+    }
     out.push(flags);
     put_str16(out, &e.source);
     put_str16(out, &e.destination);
@@ -313,6 +373,32 @@ pub fn encode_entry(e: &Entry, out: &mut Vec<u8>) {
         put_bytes32(out, k.as_bytes());
     }
     put_bytes32(out, &e.payload);
+    if let Some(v) = &e.embedding {
+        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+        for x in v {
+            out.extend_from_slice(&x.to_le_bytes());
+        }
+    }
+}
+
+/// Encode a TOMBSTONE body: at_us(i64) flags(u8) source(str16) destination(str16)
+/// ids: count(u32) × 16 bytes, [subject(str32)].
+pub fn encode_tombstone(t: &Tombstone, out: &mut Vec<u8>) {
+    out.extend_from_slice(&t.at_us.to_le_bytes());
+    out.push(if t.subject.is_some() {
+        TOMBSTONE_HAS_SUBJECT
+    } else {
+        0
+    });
+    put_str16(out, &t.source);
+    put_str16(out, &t.destination);
+    out.extend_from_slice(&(t.ids.len() as u32).to_le_bytes());
+    for id in &t.ids {
+        out.extend_from_slice(id.as_bytes());
+    }
+    if let Some(s) = &t.subject {
+        put_bytes32(out, s.as_bytes());
+    }
 }
 
 /// Encode a DELIVERED, REQUEUED or PURGED body: count(u32) then count × lsn(u64).
@@ -351,6 +437,12 @@ pub fn encode_checkpoint(c: &Checkpoint, out: &mut Vec<u8>) {
     if let Some(segs) = &c.segments {
         encode_lsns(segs, out);
         encode_lsns(&c.purged, out);
+        out.extend_from_slice(&(c.tombstones.len() as u32).to_le_bytes());
+        for t in &c.tombstones {
+            out.extend_from_slice(&t.lsn.to_le_bytes());
+            out.extend_from_slice(&t.offset.to_le_bytes());
+            out.push(u8::from(t.delivered));
+        }
     }
 }
 
@@ -365,6 +457,7 @@ pub fn encode_record(r: &Record, out: &mut Vec<u8>) {
             reason,
         } => encode_failed(*lsn, *attempts, reason, out),
         Record::Checkpoint(c) => encode_checkpoint(c, out),
+        Record::Tombstone(t) => encode_tombstone(t, out),
     }
 }
 
@@ -468,6 +561,8 @@ pub struct EntryRef<'a> {
     pub idempotency_key: Option<&'a str>,
     /// Payload bytes.
     pub payload: &'a [u8],
+    /// The embedding's little-endian f32s, if any (version 4).
+    pub embedding: Option<&'a [u8]>,
 }
 
 impl EntryRef<'_> {
@@ -481,6 +576,11 @@ impl EntryRef<'_> {
             idempotency_key: self.idempotency_key.map(str::to_owned),
             accepted_at_us: self.accepted_at_us,
             payload: self.payload.to_vec(),
+            embedding: self.embedding.map(|b| {
+                b.chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                    .collect()
+            }),
         }
     }
 }
@@ -491,7 +591,7 @@ pub fn decode_entry_ref(body: &[u8]) -> Result<EntryRef<'_>, BodyError> {
     let id = Uuid::from_bytes(c.take(16)?.try_into().unwrap());
     let accepted_at_us = c.u64()? as i64;
     let flags = c.u8()?;
-    if flags & !(ENTRY_HAS_SUBJECT | ENTRY_HAS_IDEMPOTENCY_KEY) != 0 {
+    if flags & !(ENTRY_HAS_SUBJECT | ENTRY_HAS_IDEMPOTENCY_KEY | ENTRY_HAS_EMBEDDING) != 0 {
         return Err(BodyError("unknown entry flags"));
     }
     let source = c.str16()?;
@@ -507,6 +607,12 @@ pub fn decode_entry_ref(body: &[u8]) -> Result<EntryRef<'_>, BodyError> {
         None
     };
     let payload = c.bytes32()?;
+    let embedding = if flags & ENTRY_HAS_EMBEDDING != 0 {
+        let n = c.count(4)?;
+        Some(c.take(n * 4)?)
+    } else {
+        None
+    };
     c.end()?;
     Ok(EntryRef {
         id,
@@ -516,6 +622,7 @@ pub fn decode_entry_ref(body: &[u8]) -> Result<EntryRef<'_>, BodyError> {
         subject,
         idempotency_key,
         payload,
+        embedding,
     })
 }
 
@@ -524,11 +631,42 @@ pub fn decode_entry(body: &[u8]) -> Result<Entry, BodyError> {
     decode_entry_ref(body).map(|e| e.to_entry())
 }
 
+/// Decode a TOMBSTONE body.
+pub fn decode_tombstone(body: &[u8]) -> Result<Tombstone, BodyError> {
+    let mut c = Cursor { buf: body };
+    let at_us = c.u64()? as i64;
+    let flags = c.u8()?;
+    if flags & !TOMBSTONE_HAS_SUBJECT != 0 {
+        return Err(BodyError("unknown tombstone flags"));
+    }
+    let source = c.str16()?.to_owned();
+    let destination = c.str16()?.to_owned();
+    let n = c.count(16)?;
+    let mut ids = Vec::with_capacity(n);
+    for _ in 0..n {
+        ids.push(Uuid::from_bytes(c.take(16)?.try_into().unwrap()));
+    }
+    let subject = if flags & TOMBSTONE_HAS_SUBJECT != 0 {
+        Some(c.str32()?.to_owned())
+    } else {
+        None
+    };
+    c.end()?;
+    Ok(Tombstone {
+        at_us,
+        source,
+        destination,
+        ids,
+        subject,
+    })
+}
+
 /// Decode any record body of `kind`.
 pub fn decode_record(kind: Kind, body: &[u8]) -> Result<Record, BodyError> {
     let mut c = Cursor { buf: body };
     let r = match kind {
         Kind::Entry => return decode_entry(body).map(Record::Entry),
+        Kind::Tombstone => return decode_tombstone(body).map(Record::Tombstone),
         Kind::Delivered | Kind::Requeued | Kind::Purged => {
             let v = c.lsns()?;
             match kind {
@@ -570,11 +708,31 @@ pub fn decode_record(kind: Kind, body: &[u8]) -> Result<Record, BodyError> {
             } else {
                 c.lsns()?
             };
+            // Version 4: the retained tombstones.
+            let mut tombstones = Vec::new();
+            if !c.buf.is_empty() {
+                let n = c.count(17)?;
+                tombstones.reserve(n);
+                for _ in 0..n {
+                    let (lsn, offset) = (c.u64()?, c.u64()?);
+                    let delivered = match c.u8()? {
+                        0 => false,
+                        1 => true,
+                        _ => return Err(BodyError("unknown tombstone state")),
+                    };
+                    tombstones.push(TombRef {
+                        lsn,
+                        offset,
+                        delivered,
+                    });
+                }
+            }
             Record::Checkpoint(Checkpoint {
                 pending,
                 dead,
                 segments,
                 purged,
+                tombstones,
             })
         }
     };
@@ -612,6 +770,7 @@ mod tests {
             idempotency_key: None,
             accepted_at_us: 1_700_000_000_000_000,
             payload: br#"{"text":"hello"}"#.to_vec(),
+            embedding: None,
         }
     }
 
@@ -634,6 +793,24 @@ mod tests {
     fn frames_round_trip_every_kind() {
         let records = [
             Record::Entry(sample_entry()),
+            Record::Entry(Entry {
+                embedding: Some(vec![0.5, -1.25, f32::MIN_POSITIVE]),
+                ..sample_entry()
+            }),
+            Record::Tombstone(Tombstone {
+                at_us: 1_700_000_000_000_001,
+                source: "agents".into(),
+                destination: "main".into(),
+                ids: vec![Uuid::now_v7(), Uuid::now_v7()],
+                subject: None,
+            }),
+            Record::Tombstone(Tombstone {
+                at_us: 5,
+                source: "agents".into(),
+                destination: "main".into(),
+                ids: vec![],
+                subject: Some("user-42".into()),
+            }),
             Record::Delivered(vec![1, 2, 3]),
             Record::Failed {
                 lsn: 7,
@@ -652,6 +829,11 @@ mod tests {
                 }],
                 segments: Some(vec![1, 5]),
                 purged: vec![4],
+                tombstones: vec![TombRef {
+                    lsn: 6,
+                    offset: 500,
+                    delivered: true,
+                }],
             }),
             Record::Checkpoint(Checkpoint::default()),
         ];
@@ -736,6 +918,7 @@ mod tests {
                 "KIND_REQUEUED" => (Kind::Requeued as u8).to_string(),
                 "KIND_CHECKPOINT" => (Kind::Checkpoint as u8).to_string(),
                 "KIND_PURGED" => (Kind::Purged as u8).to_string(),
+                "KIND_TOMBSTONE" => (Kind::Tombstone as u8).to_string(),
                 other => panic!("docs/wal-format.md names unknown constant {other}"),
             };
             assert_eq!(value, want, "docs/wal-format.md: {name}");

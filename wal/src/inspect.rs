@@ -68,11 +68,7 @@ fn full_scan(dir: &Path, state: &mut State) -> Result<VerifyReport> {
                 report.bytes += w.bytes;
                 state.segments.insert(
                     seg.first_lsn,
-                    crate::state::SegInfo {
-                        bytes: w.bytes,
-                        live: 0,
-                        modified: std::time::SystemTime::now(),
-                    },
+                    crate::state::SegInfo::new(w.bytes, std::time::SystemTime::now()),
                 );
                 if let End::Torn { offset, .. } = w.walk.end {
                     report.torn_tail = Some(TornTail {
@@ -204,13 +200,29 @@ pub fn inspect(dir: impl AsRef<Path>, from: u64, limit: usize) -> Result<Vec<Rec
         };
         match rec {
             Record::Entry(e) => {
-                info.source = Some(e.source);
                 info.id = Some(e.id);
                 info.status = Some(match st.tracked.get(&lsn).map(|m| &m.status) {
                     Some(Tracked::Pending) => "pending",
                     Some(Tracked::Dead { .. }) => "failed",
                     None if st.purged.contains(&lsn) => "purged",
+                    None if st.forgets(
+                        e.source.as_str(),
+                        e.id,
+                        e.subject.as_deref(),
+                        e.accepted_at_us,
+                    ) =>
+                    {
+                        "forgotten"
+                    }
                     None => "delivered",
+                });
+                info.source = Some(e.source);
+            }
+            Record::Tombstone(t) => {
+                info.source = Some(t.source);
+                info.status = Some(match st.tombstones.get(&lsn) {
+                    Some(m) if !m.delivered => "pending",
+                    _ => "delivered",
                 });
             }
             Record::Delivered(l) | Record::Requeued(l) | Record::Purged(l) => info.targets = l,

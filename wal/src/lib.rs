@@ -68,6 +68,7 @@ pub mod entry;
 pub mod error;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
+mod forget;
 pub mod format;
 pub mod inspect;
 pub mod io;
@@ -82,7 +83,7 @@ mod writer;
 pub use config::{OnCorruption, SyncMode, WalConfig};
 pub use entry::{now_us, Entry, LoggedEntry};
 pub use error::{Result, WalError};
-pub use format::{Kind, Record, FORMAT_VERSION};
+pub use format::{Kind, Record, Tombstone, FORMAT_VERSION};
 pub use read::ReadBack;
 pub use reader::Reader;
 pub use recovery::{RecoveryReport, TornTail};

@@ -13,8 +13,12 @@ use crate::wal::Wal;
 pub enum ReadBack {
     /// The entry, as it was appended (its record's CRC checked).
     Entry(Entry),
-    /// No longer pending (delivered, a dead letter, purged): nothing to deliver.
+    /// No longer pending (delivered, a dead letter, purged, forgotten by id):
+    /// nothing to deliver.
     Gone,
+    /// A tombstone forgot it (by subject) while it was pending: it must never
+    /// reach the destination; mark it done ([`Wal::mark_delivered`]).
+    Forgotten,
     /// Its record cannot be read: `WalError::Corrupt` when its bytes are
     /// damaged or its segment is gone (retrying cannot help), else the I/O
     /// error (a retry may pass).
@@ -101,6 +105,15 @@ impl Wal {
             };
             answers.insert(lsn, answer);
         }
+        let st = self.shared.state();
+        for answer in answers.values_mut() {
+            if let ReadBack::Entry(e) = answer {
+                if st.forgets(&e.source, e.id, e.subject.as_deref(), e.accepted_at_us) {
+                    *answer = ReadBack::Forgotten;
+                }
+            }
+        }
+        drop(st);
         lsns.iter()
             .map(|l| (*l, answers.remove(l).unwrap_or(ReadBack::Gone)))
             .collect()

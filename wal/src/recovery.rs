@@ -119,14 +119,9 @@ pub(crate) fn recover(
         let bytes = std::fs::metadata(&s.path)
             .map_err(|e| WalError::io(&s.path, e))?
             .len();
-        state.segments.insert(
-            s.first_lsn,
-            SegInfo {
-                bytes,
-                live: 0,
-                modified: modified(&s.path),
-            },
-        );
+        state
+            .segments
+            .insert(s.first_lsn, SegInfo::new(bytes, modified(&s.path)));
     }
     let mut missing = HashMap::new();
     if let Some((i, cp)) = &base {
@@ -141,14 +136,9 @@ pub(crate) fn recover(
     let mut remove_newest = None;
     while let Some(seg) = walker.peek().cloned() {
         // Registered before its frames are applied: they count as live in it.
-        state.segments.insert(
-            seg.first_lsn,
-            SegInfo {
-                bytes: 0,
-                live: 0,
-                modified: modified(&seg.path),
-            },
-        );
+        state
+            .segments
+            .insert(seg.first_lsn, SegInfo::new(0, modified(&seg.path)));
         let walked = walker.next_segment(|off, f| {
             if !missing.is_empty() && f.kind == Kind::Delivered {
                 if let Ok(Record::Delivered(lsns)) = format::decode_record(f.kind, f.body) {
@@ -233,7 +223,13 @@ pub(crate) fn recover(
     })
 }
 
-/// Load the entries a checkpoint lists from the segments before it. Returns those
+/// What a checkpoint lists at an offset.
+enum Listed {
+    Entry(Tracked),
+    Tombstone { delivered: bool },
+}
+
+/// Load the entries and tombstones a checkpoint lists from the segments before it. Returns those
 /// whose segment is missing (see the module doc).
 fn load_checkpoint_entries(
     older: &[SegmentFile],
@@ -250,7 +246,7 @@ fn load_checkpoint_entries(
         let i = firsts.partition_point(|f| *f <= lsn).checked_sub(1)?;
         older.iter().position(|s| s.first_lsn == firsts[i])
     };
-    let mut by_seg: BTreeMap<usize, Vec<(u64, u64, Tracked)>> = BTreeMap::new();
+    let mut by_seg: BTreeMap<usize, Vec<(u64, u64, Listed)>> = BTreeMap::new();
     let mut missing = HashMap::new();
     let wanted = cp
         .pending
@@ -266,32 +262,54 @@ fn load_checkpoint_entries(
                 },
             )
         }));
-    for (lsn, off, status) in wanted {
-        match segment_of(lsn) {
-            Some(i) => by_seg.entry(i).or_default().push((lsn, off, status)),
-            None => {
+    let tombstones = cp.tombstones.iter().map(|t| {
+        (
+            t.lsn,
+            t.offset,
+            Listed::Tombstone {
+                delivered: t.delivered,
+            },
+        )
+    });
+    let wanted = wanted
+        .map(|(l, o, s)| (l, o, Listed::Entry(s)))
+        .chain(tombstones);
+    for (lsn, off, listed) in wanted {
+        match (segment_of(lsn), listed) {
+            (Some(i), listed) => by_seg.entry(i).or_default().push((lsn, off, listed)),
+            (None, Listed::Entry(status)) => {
                 missing.insert(lsn, status);
             }
+            // Retired with its segment after the checkpoint was written.
+            (None, Listed::Tombstone { .. }) => {}
         }
     }
     for (i, mut items) in by_seg {
         let seg = &older[i];
         items.sort_unstable_by_key(|(_, off, _)| *off);
         let mut reader = FrameReader::open(seg)?;
-        for (lsn, off, status) in items {
+        for (lsn, off, listed) in items {
             let frame = reader.frame_at(off)?;
+            let kind = match listed {
+                Listed::Entry(_) => Kind::Entry,
+                Listed::Tombstone { .. } => Kind::Tombstone,
+            };
             // A version-1 checkpoint maps by the files present, which is wrong once
             // retention deleted the entry's own segment: treat it as missing.
             let wrong_segment = cp.segments.is_none()
                 && !matches!(frame, FrameParse::Ok(f) if f.lsn == lsn && f.kind == Kind::Entry);
-            if wrong_segment {
-                missing.insert(lsn, status);
+            if let (true, Listed::Entry(status)) = (wrong_segment, &listed) {
+                missing.insert(lsn, status.clone());
                 continue;
             }
             let res = match frame {
-                FrameParse::Ok(f) if f.lsn == lsn && f.kind == Kind::Entry => state
-                    .insert_entry(lsn, off, f.body, status)
-                    .map_err(|e| e.0),
+                FrameParse::Ok(f) if f.lsn == lsn && f.kind == kind => match listed {
+                    Listed::Entry(status) => state.insert_entry(lsn, off, f.body, status),
+                    Listed::Tombstone { delivered } => {
+                        state.insert_tombstone(lsn, off, f.body, delivered)
+                    }
+                }
+                .map_err(|e| e.0),
                 FrameParse::Ok(_) => Err("checkpoint names a frame of another LSN"),
                 FrameParse::Bad(r) => Err(r),
                 FrameParse::Incomplete => {

@@ -4,7 +4,7 @@
 //! Recovery and the live writer build it with the same [`State::apply`], frame by
 //! frame, so what a restart rebuilds is by construction what the running process had.
 
-use crate::format::{self, BodyError, Checkpoint, DeadRef, Kind, Record};
+use crate::format::{self, BodyError, Checkpoint, DeadRef, Kind, Record, TombRef, Tombstone};
 use rustc_hash::{FxHashMap, FxHashSet};
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
@@ -45,6 +45,30 @@ pub(crate) struct SegInfo {
     pub live: u64,
     /// Last modification (seal) time, for retention.
     pub modified: SystemTime,
+    /// TOMBSTONE records in this segment: while an older segment is retained
+    /// (it may hold what they forgot), retention keeps this one.
+    pub tombstones: u64,
+}
+
+impl SegInfo {
+    /// A segment holding nothing tracked yet.
+    pub fn new(bytes: u64, modified: SystemTime) -> SegInfo {
+        SegInfo {
+            bytes,
+            live: 0,
+            modified,
+            tombstones: 0,
+        }
+    }
+}
+
+/// A retained TOMBSTONE record.
+#[derive(Debug, Clone)]
+pub(crate) struct TombMeta {
+    pub offset: u64,
+    /// The destination has applied its delete.
+    pub delivered: bool,
+    pub tombstone: Arc<Tombstone>,
 }
 
 /// Totals over a whole scan (offline stats).
@@ -55,6 +79,8 @@ pub(crate) struct Totals {
     pub delivered: u64,
     /// FAILED records seen (an entry failed, requeued and failed again counts twice).
     pub failed_records: u64,
+    /// Tracked entries a TOMBSTONE ended.
+    pub forgotten: u64,
 }
 
 #[derive(Debug, Default)]
@@ -68,6 +94,12 @@ pub(crate) struct State {
     pub totals: Totals,
     /// Purged dead letters whose ENTRY record may still be retained.
     pub purged: BTreeSet<u64>,
+    /// Retained TOMBSTONE records by LSN.
+    pub tombstones: BTreeMap<u64, TombMeta>,
+    /// Of the retained tombstones: ids forgotten, with their source.
+    forgotten_ids: FxHashMap<Uuid, Arc<str>>,
+    /// Of the retained tombstones: per source, subjects forgotten up to an accept time (µs).
+    forgotten_subjects: FxHashMap<Arc<str>, FxHashMap<Box<str>, i64>>,
 }
 
 impl State {
@@ -165,11 +197,14 @@ impl State {
                 self.totals.entries += 1;
                 self.insert_entry(lsn, offset, body, Tracked::Pending)?;
             }
+            Kind::Tombstone => self.insert_tombstone(lsn, offset, body, false)?,
             _ => match format::decode_record(kind, body)? {
                 Record::Delivered(lsns) => {
                     for l in lsns {
                         if self.remove(l) {
                             self.totals.delivered += 1;
+                        } else {
+                            self.tombstone_delivered(l);
                         }
                     }
                 }
@@ -199,7 +234,7 @@ impl State {
                     }
                 }
                 Record::Checkpoint(cp) => self.apply_checkpoint(lsn, &cp),
-                Record::Entry(_) => unreachable!("handled above"),
+                Record::Entry(_) | Record::Tombstone(_) => unreachable!("handled above"),
             },
         }
         Ok(())
@@ -255,6 +290,151 @@ impl State {
             }
         }
         self.purged.extend(cp.purged.iter().copied());
+        // Tombstones before it that it does not list were retired with their segment.
+        let listed: HashSet<u64> = cp.tombstones.iter().map(|t| t.lsn).collect();
+        let retired: Vec<u64> = self
+            .tombstones
+            .range(..cp_lsn)
+            .map(|(l, _)| *l)
+            .filter(|l| !listed.contains(l))
+            .collect();
+        if !retired.is_empty() {
+            for l in retired {
+                self.tombstones.remove(&l);
+            }
+            self.rebuild_forgotten();
+        }
+        for t in cp.tombstones.iter().filter(|t| t.delivered) {
+            self.tombstone_delivered(t.lsn);
+        }
+    }
+
+    /// Track a TOMBSTONE record read from `body` at `offset` of its segment. The
+    /// tracked entries it forgets by id end here: never delivered, never requeued.
+    pub fn insert_tombstone(
+        &mut self,
+        lsn: u64,
+        offset: u64,
+        body: &[u8],
+        delivered: bool,
+    ) -> Result<(), BodyError> {
+        let t = Arc::new(format::decode_tombstone(body)?);
+        for id in &t.ids {
+            let Some(&l) = self.by_id.get(id) else {
+                continue;
+            };
+            if l < lsn && self.tracked.get(&l).is_some_and(|m| *m.source == t.source) {
+                self.remove(l);
+                self.totals.forgotten += 1;
+            }
+        }
+        self.index_forgotten(&t);
+        if let Some(first) = self.segment_of(lsn) {
+            let seg = self
+                .segments
+                .get_mut(&first)
+                .expect("segment_of returned a key");
+            seg.tombstones += 1;
+            if !delivered {
+                seg.live += 1;
+            }
+        }
+        let meta = TombMeta {
+            offset,
+            delivered,
+            tombstone: t,
+        };
+        if let Some(old) = self.tombstones.insert(lsn, meta) {
+            // Only a forged log repeats an LSN; keep counts honest anyway.
+            if let Some(seg) = self.segment_of(lsn).and_then(|f| self.segments.get_mut(&f)) {
+                seg.tombstones -= 1;
+                if !old.delivered {
+                    seg.live = seg.live.saturating_sub(1);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn index_forgotten(&mut self, t: &Tombstone) {
+        let source = self.intern(&t.source);
+        for id in &t.ids {
+            self.forgotten_ids.insert(*id, source.clone());
+        }
+        if let Some(subject) = &t.subject {
+            let upto = self
+                .forgotten_subjects
+                .entry(source)
+                .or_default()
+                .entry(subject.as_str().into())
+                .or_insert(i64::MIN);
+            *upto = (*upto).max(t.at_us);
+        }
+    }
+
+    fn rebuild_forgotten(&mut self) {
+        self.forgotten_ids.clear();
+        self.forgotten_subjects.clear();
+        let all: Vec<Arc<Tombstone>> = self
+            .tombstones
+            .values()
+            .map(|m| m.tombstone.clone())
+            .collect();
+        for t in all {
+            self.index_forgotten(&t);
+        }
+    }
+
+    /// A tombstone's delete was applied: it no longer pins its segment for that.
+    fn tombstone_delivered(&mut self, lsn: u64) {
+        let Some(m) = self.tombstones.get_mut(&lsn) else {
+            return;
+        };
+        if !m.delivered {
+            m.delivered = true;
+            self.seg_live(lsn, -1);
+        }
+    }
+
+    /// Whether a retained tombstone forgets this entry.
+    pub fn forgets(
+        &self,
+        source: &str,
+        id: Uuid,
+        subject: Option<&str>,
+        accepted_at_us: i64,
+    ) -> bool {
+        self.forgotten_ids.get(&id).is_some_and(|s| **s == *source)
+            || subject.is_some_and(|subject| {
+                self.forgotten_subjects
+                    .get(source)
+                    .and_then(|m| m.get(subject))
+                    .is_some_and(|upto| accepted_at_us <= *upto)
+            })
+    }
+
+    /// Whether `id` was forgotten (by id) in `source`.
+    pub fn forgot_id(&self, source: &str, id: Uuid) -> bool {
+        self.forgotten_ids.get(&id).is_some_and(|s| **s == *source)
+    }
+
+    /// Drop the segment starting at `first` (retention deleted it) with the
+    /// tombstones it held.
+    pub fn retire_segment(&mut self, first: u64) {
+        self.segments.remove(&first);
+        let end = self
+            .segments
+            .range(first..)
+            .next()
+            .map_or(u64::MAX, |(k, _)| *k);
+        let gone: Vec<u64> = self.tombstones.range(first..end).map(|(l, _)| *l).collect();
+        if !gone.is_empty() {
+            for l in gone {
+                self.tombstones.remove(&l);
+            }
+            self.rebuild_forgotten();
+        }
+        self.prune_purged();
     }
 
     /// Forget purged LSNs older than every retained segment (their ENTRY
@@ -269,6 +449,15 @@ impl State {
         let mut cp = Checkpoint {
             segments: Some(self.segments.keys().copied().collect()),
             purged: self.purged.iter().copied().collect(),
+            tombstones: self
+                .tombstones
+                .iter()
+                .map(|(lsn, m)| TombRef {
+                    lsn: *lsn,
+                    offset: m.offset,
+                    delivered: m.delivered,
+                })
+                .collect(),
             ..Checkpoint::default()
         };
         for (lsn, m) in &self.tracked {

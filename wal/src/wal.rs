@@ -202,14 +202,9 @@ impl Wal {
             None => {
                 let cp = (!state.segments.is_empty()).then(|| state.checkpoint());
                 let (f, len) = segment::create_segment(&*io, &dir, next_lsn, cp.as_ref())?;
-                state.segments.insert(
-                    next_lsn,
-                    SegInfo {
-                        bytes: len,
-                        live: 0,
-                        modified: SystemTime::now(),
-                    },
-                );
+                state
+                    .segments
+                    .insert(next_lsn, SegInfo::new(len, SystemTime::now()));
                 (f, next_lsn, len)
             }
         };
@@ -288,7 +283,7 @@ impl Wal {
         Ok(())
     }
 
-    async fn call<T>(&self, op: impl FnOnce(Reply<T>) -> Op) -> Result<T> {
+    pub(crate) async fn call<T>(&self, op: impl FnOnce(Reply<T>) -> Op) -> Result<T> {
         let (tx, rx) = oneshot::channel();
         self.submit(op(tx))?;
         rx.await.unwrap_or(Err(WalError::Closed))

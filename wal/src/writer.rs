@@ -501,14 +501,10 @@ impl Writer {
             Err(WalError::Poisoned(why)) => return Err(self.poison(why)),
             Err(e) => return Err(e),
         };
-        self.shared.state().segments.insert(
-            first,
-            SegInfo {
-                bytes: len,
-                live: 0,
-                modified: SystemTime::now(),
-            },
-        );
+        self.shared
+            .state()
+            .segments
+            .insert(first, SegInfo::new(len, SystemTime::now()));
         self.next_lsn += 1;
         self.written_lsn = first;
         self.file = file;
@@ -555,10 +551,17 @@ impl Writer {
             let victim = {
                 let st = self.shared.state();
                 let over = forced && st.total_bytes() >= limit;
+                let oldest = st.segments.keys().next().copied();
+                // A segment with tombstones goes only once it is the oldest: an
+                // older one may hold what they forgot.
                 st.segments
                     .iter()
                     .take_while(|(first, _)| **first != self.seg_first)
-                    .find(|(_, info)| info.live == 0 && (over || info.modified <= cutoff))
+                    .find(|(first, info)| {
+                        info.live == 0
+                            && (info.tombstones == 0 || Some(**first) == oldest)
+                            && (over || info.modified <= cutoff)
+                    })
                     .map(|(first, info)| (*first, info.bytes))
             };
             let Some((first, bytes)) = victim else {
@@ -572,9 +575,7 @@ impl Writer {
                 }
             }
             {
-                let mut st = self.shared.state();
-                st.segments.remove(&first);
-                st.prune_purged();
+                self.shared.state().retire_segment(first);
             }
             report.segments_deleted += 1;
             report.bytes_freed += bytes;

@@ -29,6 +29,7 @@
 mod error;
 mod postgres;
 mod query;
+mod recall;
 mod sqlite;
 mod validate;
 mod words;
@@ -36,9 +37,10 @@ mod words;
 pub use error::DestinationError;
 pub use postgres::PostgresDestination;
 pub use query::{Query, DEFAULT_LIMIT, DEFAULT_PAGE_BYTES, MAX_LIMIT, MAX_TIME_US, MIN_TIME_US};
-pub use spool_wal::{Entry, LoggedEntry};
+pub use recall::{Hit, Search, DEFAULT_K, MAX_K, RRF_K};
+pub use spool_wal::{Entry, LoggedEntry, Tombstone};
 pub use sqlite::SqliteDestination;
-pub use validate::{check_payload, check_text, Field, InvalidEntry, PayloadFields};
+pub use validate::{check_payload, check_text, Embedding, Field, InvalidEntry, PayloadFields};
 pub use words::{payload_words, words, MAX_INDEXED_BYTES, MAX_QUERY_WORDS, MAX_WORD_BYTES};
 
 use async_trait::async_trait;
@@ -49,7 +51,7 @@ use uuid::Uuid;
 pub type Result<T, E = DestinationError> = std::result::Result<T, E>;
 
 /// An entry as a destination holds it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StoredEntry {
     /// LSN of its WAL record (of the spool node that accepted it).
     pub lsn: u64,
@@ -60,7 +62,7 @@ pub struct StoredEntry {
 }
 
 /// One page of a [`Query`].
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Page {
     /// Entries, newest first.
     pub entries: Vec<StoredEntry>,
@@ -85,6 +87,14 @@ pub trait Destination: Send + Sync + 'static {
 
     /// A page of one source's entries, newest first.
     async fn query(&self, q: &Query) -> Result<Page>;
+
+    /// One source's entries ranked by text, vector similarity, or both fused.
+    async fn search(&self, s: &Search) -> Result<Vec<Hit>>;
+
+    /// Delete the entries a tombstone forgets (of its source: those it names by
+    /// id, and with its subject those accepted at or before its time). Answers
+    /// how many rows went; deleting what is not there is not an error.
+    async fn forget(&self, t: &Tombstone) -> Result<u64>;
 
     /// Is the destination reachable and writable? The first successful contact
     /// migrates the schema.
@@ -187,6 +197,13 @@ pub(crate) fn screen(name: &str, batch: &[LoggedEntry], no_nul: bool) -> Result<
             .and_then(|()| check_text("source", Some(&e.source), no_nul))
             .and_then(|()| check_text("subject", e.subject.as_deref(), no_nul))
             .and_then(|()| check_text("idempotency_key", e.idempotency_key.as_deref(), no_nul))
+            .and_then(|()| match &e.embedding {
+                Some(v) if v.is_empty() || v.iter().any(|x| !x.is_finite()) => Err(InvalidEntry {
+                    field: "embedding",
+                    reason: "must be a non-empty array of finite numbers".into(),
+                }),
+                _ => Ok(()),
+            })
             .map_err(|invalid| DestinationError::Rejected {
                 destination: name.to_owned(),
                 index: Some(i),

@@ -15,6 +15,7 @@
 
 use crate::error::classify;
 use crate::query::{fitting, Query};
+use crate::recall::{self, Hit, Search, TopK};
 use crate::words::{payload_words, query_words, tsquery};
 use crate::{
     page, screen, Candidates, Destination, DestinationError, Page, Result, StoredEntry,
@@ -22,7 +23,7 @@ use crate::{
 };
 use async_trait::async_trait;
 use futures_util::TryStreamExt;
-use spool_wal::{Entry, LoggedEntry};
+use spool_wal::{Entry, LoggedEntry, Tombstone};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Executor, Postgres, QueryBuilder, Row};
 use std::future::Future;
@@ -79,6 +80,10 @@ const MIGRATIONS: &[&str] = &[
     DROP INDEX spool_entries_fts;
     ALTER TABLE spool_entries ADD COLUMN words tsvector;
     "#,
+    // 4: embeddings, for vector recall by exact scan.
+    r#"
+    ALTER TABLE spool_entries ADD COLUMN embedding real[];
+    "#,
 ];
 
 /// The migration after which existing rows' words are computed from Rust.
@@ -97,6 +102,25 @@ const SELECT: &str = "SELECT id, lsn, source, subject, idempotency_key, payload:
 /// Micros since the epoch as timestamptz, in SQL.
 const TS: &str = "(timestamptz 'epoch' + ";
 const TS_END: &str = " * interval '1 microsecond')";
+
+/// ` AND …` for a search's subject and time bounds.
+fn push_filters(qb: &mut QueryBuilder<'_, Postgres>, s: &Search) {
+    if let Some(subject) = &s.subject {
+        qb.push(" AND subject = ").push_bind(subject.clone());
+    }
+    if let Some(t) = s.since_us {
+        qb.push(" AND created_at >= ")
+            .push(TS)
+            .push_bind(t)
+            .push(TS_END);
+    }
+    if let Some(t) = s.until_us {
+        qb.push(" AND created_at < ")
+            .push(TS)
+            .push_bind(t)
+            .push(TS_END);
+    }
+}
 
 /// The PostgreSQL destination.
 pub struct PostgresDestination {
@@ -244,6 +268,8 @@ impl PostgresDestination {
                 idempotency_key: r.get(4),
                 accepted_at_us: r.get(6),
                 payload: payload.into_bytes(),
+                // Reads answer the payload (which holds it as posted).
+                embedding: None,
             },
             delivered_at_us: r.get(7),
         }
@@ -335,6 +361,7 @@ impl Destination for PostgresDestination {
             Vec::with_capacity(n),
             Vec::with_capacity(n),
         );
+        let mut embeddings: Vec<Option<String>> = Vec::with_capacity(n);
         for le in batch {
             let e = &le.entry;
             ids.push(e.id);
@@ -346,15 +373,22 @@ impl Destination for PostgresDestination {
             payloads.push(std::str::from_utf8(&e.payload).unwrap_or_default());
             created.push(e.accepted_at_us);
             words.push(payload_words(&e.payload));
+            // An array literal: one text[] parameter, cast per row (UNNEST would
+            // flatten a two-dimensional real[]). `{}` prints an f32 so that it
+            // parses back to the same value.
+            embeddings.push(e.embedding.as_ref().map(|v| {
+                let items: Vec<String> = v.iter().map(|x| x.to_string()).collect();
+                format!("{{{}}}", items.join(","))
+            }));
         }
         let done = self
             .run(
                 sqlx::query(&format!(
-                    "INSERT INTO spool_entries (id, lsn, source, subject, idempotency_key, payload, created_at, words) \
+                    "INSERT INTO spool_entries (id, lsn, source, subject, idempotency_key, payload, created_at, words, embedding) \
                      SELECT id, lsn, source, subject, ikey, payload::jsonb, \
-                            timestamptz 'epoch' + created * interval '1 microsecond', {WORDS_SQL} \
-                     FROM UNNEST($1::uuid[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[], $7::int8[], $8::text[]) \
-                          AS t(id, lsn, source, subject, ikey, payload, created, w) \
+                            timestamptz 'epoch' + created * interval '1 microsecond', {WORDS_SQL}, emb::real[] \
+                     FROM UNNEST($1::uuid[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[], $7::int8[], $8::text[], $9::text[]) \
+                          AS t(id, lsn, source, subject, ikey, payload, created, w, emb) \
                      ON CONFLICT DO NOTHING",
                 ))
                 .bind(&ids)
@@ -365,6 +399,7 @@ impl Destination for PostgresDestination {
                 .bind(&payloads)
                 .bind(&created)
                 .bind(&words)
+                .bind(&embeddings)
                 .execute(&self.pool),
             )
             .await?;
@@ -446,6 +481,76 @@ impl Destination for PostgresDestination {
             .await?
         };
         Ok(page(&candidates, n, limit, entries))
+    }
+
+    async fn search(&self, s: &Search) -> Result<Vec<Hit>> {
+        s.check()?;
+        let n = recall::candidates(s.k) as i64;
+        let mut text = Vec::new();
+        if let Some(w) = s.words() {
+            let tsq = tsquery(&w);
+            let mut qb: QueryBuilder<Postgres> =
+                QueryBuilder::new("SELECT id FROM spool_entries WHERE source = ");
+            qb.push_bind(s.source.as_str());
+            push_filters(&mut qb, s);
+            qb.push(" AND words @@ ")
+                .push_bind(tsq.clone())
+                .push("::tsquery ORDER BY ts_rank(words, ")
+                .push_bind(tsq)
+                .push("::tsquery) DESC, created_at DESC, id DESC LIMIT ")
+                .push_bind(n);
+            text = self
+                .run(qb.build_query_scalar().fetch_all(&self.pool))
+                .await?;
+        }
+        let mut vector = Vec::new();
+        if let Some(v) = &s.embedding {
+            let mut qb: QueryBuilder<Postgres> =
+                QueryBuilder::new("SELECT id, embedding FROM spool_entries WHERE source = ");
+            qb.push_bind(s.source.as_str())
+                .push(" AND cardinality(embedding) = ")
+                .push_bind(v.len() as i32);
+            push_filters(&mut qb, s);
+            vector = self
+                .run(async {
+                    let mut top = TopK::new(v, n as usize);
+                    let mut rows = qb.build_query_as::<(Uuid, Vec<f32>)>().fetch(&self.pool);
+                    while let Some((id, e)) = rows.try_next().await? {
+                        top.offer(id, &e);
+                    }
+                    Ok(top.into_sorted())
+                })
+                .await?;
+        }
+        let fused = recall::fuse(&text, &vector, s.k);
+        if fused.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<Uuid> = fused.iter().map(|f| f.0).collect();
+        let sql = format!("{SELECT} WHERE id = ANY($1)");
+        let rows = self
+            .run(sqlx::query(&sql).bind(&ids).fetch_all(&self.pool))
+            .await?;
+        let entries = rows.iter().map(|r| self.row(r)).collect();
+        Ok(recall::hits(fused, entries))
+    }
+
+    async fn forget(&self, t: &Tombstone) -> Result<u64> {
+        let sql = format!(
+            "DELETE FROM spool_entries WHERE source = $1 AND (id = ANY($2) \
+             OR ($3::text IS NOT NULL AND subject = $3 AND created_at <= {TS}$4{TS_END}))"
+        );
+        let done = self
+            .run(
+                sqlx::query(&sql)
+                    .bind(t.source.as_str())
+                    .bind(&t.ids)
+                    .bind(t.subject.as_deref())
+                    .bind(t.at_us)
+                    .execute(&self.pool),
+            )
+            .await?;
+        Ok(done.rows_affected())
     }
 
     /// Reachable, migrated, and writable: a server in recovery (a standby after

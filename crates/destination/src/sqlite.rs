@@ -13,6 +13,7 @@
 
 use crate::error::classify;
 use crate::query::{fitting, Query};
+use crate::recall::{self, to_le_bytes, Hit, Search, TopK};
 use crate::words::{fts5_query, payload_words, query_words};
 use crate::{
     page, screen, Candidates, Destination, DestinationError, Page, Result, StoredEntry,
@@ -20,7 +21,7 @@ use crate::{
 };
 use async_trait::async_trait;
 use futures_util::TryStreamExt;
-use spool_wal::{Entry, LoggedEntry};
+use spool_wal::{Entry, LoggedEntry, Tombstone};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
@@ -86,12 +87,16 @@ const MIGRATIONS: &[&str] = &[
     CREATE VIRTUAL TABLE spool_entries_words USING fts5(words, content='', detail=none,
         columnsize=0, tokenize="unicode61 categories 'L* M* N* P* S* Z* C*' separators ' ' remove_diacritics 0");
     "#,
+    // 4: embeddings (little-endian f32s), for vector recall by exact scan.
+    r#"
+    ALTER TABLE spool_entries ADD COLUMN embedding BLOB;
+    "#,
 ];
 
 /// The migration after which existing rows' words are indexed from Rust.
 const WORDS_MIGRATION: usize = 3;
 
-/// Rows per INSERT statement (8 parameters each; SQLite allows 32766).
+/// Rows per INSERT statement (9 parameters each; SQLite allows 32766).
 const ROWS_PER_STATEMENT: usize = 500;
 
 /// The SQLite destination.
@@ -213,6 +218,8 @@ impl SqliteDestination {
                 idempotency_key: r.get(4),
                 accepted_at_us: r.get(6),
                 payload: payload.into_bytes(),
+                // Reads answer the payload (which holds it as posted).
+                embedding: None,
             },
             delivered_at_us: r.get(7),
         })
@@ -266,7 +273,7 @@ async fn insert(conn: &mut sqlx::SqliteConnection, batch: &[LoggedEntry]) -> sql
     let mut tx = conn.begin().await?;
     for chunk in batch.chunks(ROWS_PER_STATEMENT) {
         let mut qb: QueryBuilder<Sqlite> =
-            QueryBuilder::new(format!("INSERT INTO spool_entries ({COLUMNS}) "));
+            QueryBuilder::new(format!("INSERT INTO spool_entries ({COLUMNS}, embedding) "));
         qb.push_values(chunk, |mut b, le| {
             let e = &le.entry;
             b.push_bind(e.id.hyphenated().to_string())
@@ -277,7 +284,8 @@ async fn insert(conn: &mut sqlx::SqliteConnection, batch: &[LoggedEntry]) -> sql
                 // Validated as UTF-8 JSON by `screen`.
                 .push_bind(std::str::from_utf8(&e.payload).unwrap_or_default())
                 .push_bind(e.accepted_at_us)
-                .push_bind(now);
+                .push_bind(now)
+                .push_bind(e.embedding.as_deref().map(to_le_bytes));
         });
         // Rows skipped as conflicts are not returned: only new rows are indexed.
         qb.push(" ON CONFLICT DO NOTHING RETURNING rowid, lsn");
@@ -301,6 +309,75 @@ async fn insert(conn: &mut sqlx::SqliteConnection, batch: &[LoggedEntry]) -> sql
 
 const COLUMNS: &str =
     "id, lsn, source, subject, idempotency_key, payload, created_at, delivered_at";
+
+/// ` AND …` for a search's subject and time bounds.
+fn push_filters(qb: &mut QueryBuilder<'_, Sqlite>, s: &Search) {
+    if let Some(subject) = &s.subject {
+        qb.push(" AND subject = ").push_bind(subject.clone());
+    }
+    if let Some(t) = s.since_us {
+        qb.push(" AND created_at >= ").push_bind(t);
+    }
+    if let Some(t) = s.until_us {
+        qb.push(" AND created_at < ").push_bind(t);
+    }
+}
+
+/// Delete, in one transaction, the rows a tombstone covers and their words.
+async fn delete_forgotten(conn: &mut sqlx::SqliteConnection, t: &Tombstone) -> sqlx::Result<u64> {
+    use sqlx::Connection;
+    let mut tx = conn.begin().await?;
+    let mut deleted = 0;
+    loop {
+        let mut qb: QueryBuilder<Sqlite> =
+            QueryBuilder::new("SELECT rowid, payload FROM spool_entries WHERE source = ");
+        qb.push_bind(t.source.as_str()).push(" AND (0");
+        if !t.ids.is_empty() {
+            qb.push(" OR id IN (");
+            let mut list = qb.separated(", ");
+            for id in &t.ids {
+                list.push_bind(id.hyphenated().to_string());
+            }
+            qb.push(")");
+        }
+        if let Some(subject) = &t.subject {
+            qb.push(" OR (subject = ")
+                .push_bind(subject.as_str())
+                .push(" AND created_at <= ")
+                .push_bind(t.at_us)
+                .push(")");
+        }
+        qb.push(") LIMIT ").push_bind(ROWS_PER_STATEMENT as i64);
+        let rows: Vec<(i64, String)> = qb.build_query_as().fetch_all(&mut *tx).await?;
+        if rows.is_empty() {
+            break;
+        }
+        // A contentless index forgets a row only when told its words.
+        for (rowid, payload) in &rows {
+            let words = payload_words(payload.as_bytes());
+            if !words.is_empty() {
+                sqlx::query(
+                    "INSERT INTO spool_entries_words (spool_entries_words, rowid, words) \
+                     VALUES ('delete', ?, ?)",
+                )
+                .bind(rowid)
+                .bind(words)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        let mut qb: QueryBuilder<Sqlite> =
+            QueryBuilder::new("DELETE FROM spool_entries WHERE rowid IN (");
+        let mut list = qb.separated(", ");
+        for (rowid, _) in &rows {
+            list.push_bind(*rowid);
+        }
+        qb.push(")");
+        deleted += qb.build().execute(&mut *tx).await?.rows_affected();
+    }
+    tx.commit().await?;
+    Ok(deleted)
+}
 
 #[async_trait]
 impl Destination for SqliteDestination {
@@ -407,6 +484,84 @@ impl Destination for SqliteDestination {
             }
         }
         Ok(page(&candidates, n, limit, entries))
+    }
+
+    async fn search(&self, s: &Search) -> Result<Vec<Hit>> {
+        s.check()?;
+        self.ready().await?;
+        let n = recall::candidates(s.k);
+        let mut text = Vec::new();
+        if let Some(w) = s.words() {
+            // Matches newest first: the contentless index keeps no term statistics.
+            let mut qb: QueryBuilder<Sqlite> =
+                QueryBuilder::new("SELECT id FROM spool_entries WHERE source = ");
+            qb.push_bind(s.source.as_str());
+            push_filters(&mut qb, s);
+            qb.push(
+                " AND rowid IN (SELECT rowid FROM spool_entries_words WHERE spool_entries_words MATCH ",
+            )
+            .push_bind(fts5_query(&w))
+            .push(") ORDER BY created_at DESC, id DESC LIMIT ")
+            .push_bind(n as i64);
+            let ids: Vec<String> = qb
+                .build_query_scalar()
+                .fetch_all(&self.readers)
+                .await
+                .map_err(|e| self.err(e))?;
+            text = ids.iter().map(|id| self.uuid(id)).collect::<Result<_>>()?;
+        }
+        let mut vector = Vec::new();
+        if let Some(v) = &s.embedding {
+            let mut top = TopK::new(v, n);
+            let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "SELECT id, embedding FROM spool_entries WHERE embedding IS NOT NULL AND source = ",
+            );
+            qb.push_bind(s.source.as_str());
+            push_filters(&mut qb, s);
+            let mut rows = qb
+                .build_query_as::<(String, Vec<u8>)>()
+                .fetch(&self.readers);
+            let mut buf = Vec::with_capacity(v.len());
+            while let Some((id, blob)) = rows.try_next().await.map_err(|e| self.err(e))? {
+                if blob.len() != v.len() * 4 {
+                    continue;
+                }
+                buf.clear();
+                buf.extend(
+                    blob.chunks_exact(4)
+                        .map(|c| f32::from_le_bytes(c.try_into().unwrap())),
+                );
+                top.offer(self.uuid(&id)?, &buf);
+            }
+            vector = top.into_sorted();
+        }
+        let fused = recall::fuse(&text, &vector, s.k);
+        if fused.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut qb: QueryBuilder<Sqlite> =
+            QueryBuilder::new(format!("SELECT {COLUMNS} FROM spool_entries WHERE id IN ("));
+        let mut list = qb.separated(", ");
+        for f in &fused {
+            list.push_bind(f.0.hyphenated().to_string());
+        }
+        qb.push(")");
+        let rows = qb
+            .build()
+            .fetch_all(&self.readers)
+            .await
+            .map_err(|e| self.err(e))?;
+        let entries = rows.iter().map(|r| self.row(r)).collect::<Result<_>>()?;
+        Ok(recall::hits(fused, entries))
+    }
+
+    async fn forget(&self, t: &Tombstone) -> Result<u64> {
+        self.ready().await?;
+        let mut conn = self.writer.acquire().await.map_err(|e| self.err(e))?;
+        delete_forgotten(&mut conn, t).await.map_err(|e| {
+            conn.close_on_drop();
+            self.err(e)
+        })
     }
 
     /// Migrated, the table there, and writable: takes the write lock (waiting up

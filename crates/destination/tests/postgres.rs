@@ -388,6 +388,7 @@ async fn the_key_and_words_migrations_keep_the_first_copy_and_index_old_rows() {
         &url,
         "DROP INDEX spool_entries_by_key; DROP TABLE spool_entries_displaced; \
          DROP INDEX spool_entries_words; ALTER TABLE spool_entries DROP COLUMN words; \
+         ALTER TABLE spool_entries DROP COLUMN embedding; \
          CREATE INDEX spool_entries_fts ON spool_entries \
              USING gin (jsonb_to_tsvector('simple', payload, '[\"string\"]')); \
          DELETE FROM spool_schema WHERE version > 1;",
@@ -507,4 +508,14 @@ async fn pages_bounded_by_bytes() {
 #[tokio::test]
 async fn a_redelivered_mixed_batch_indexes_new_rows_by_their_own_words() {
     a_batch_of_old_and_new_rows_indexes_each_new_row_by_its_own_words(fresh().await).await;
+}
+
+#[tokio::test]
+async fn forgetting() {
+    forgetting_deletes_by_id_and_by_subject_up_to_its_time(fresh().await).await;
+}
+
+#[tokio::test]
+async fn recall() {
+    search_ranks_by_vector_text_and_both(fresh().await).await;
 }

@@ -168,6 +168,7 @@ async fn the_key_and_words_migrations_keep_the_first_copy_and_index_old_rows() {
     sqlx::raw_sql(
         "DROP INDEX spool_entries_by_key; DROP TABLE spool_entries_displaced; \
          DROP TABLE spool_entries_words; DELETE FROM spool_schema WHERE version > 1; \
+         ALTER TABLE spool_entries DROP COLUMN embedding; \
          CREATE VIRTUAL TABLE spool_entries_fts USING fts5(body, content='', detail=none, columnsize=0); \
          CREATE TRIGGER spool_entries_fts_insert AFTER INSERT ON spool_entries BEGIN \
              INSERT INTO spool_entries_fts (rowid, body) \
@@ -270,4 +271,16 @@ async fn pages_bounded_by_bytes() {
 async fn a_redelivered_mixed_batch_indexes_new_rows_by_their_own_words() {
     let (_t, d) = fresh().await;
     a_batch_of_old_and_new_rows_indexes_each_new_row_by_its_own_words(d).await;
+}
+
+#[tokio::test]
+async fn forgetting() {
+    let (_t, d) = fresh().await;
+    forgetting_deletes_by_id_and_by_subject_up_to_its_time(d).await;
+}
+
+#[tokio::test]
+async fn recall() {
+    let (_t, d) = fresh().await;
+    search_ranks_by_vector_text_and_both(d).await;
 }

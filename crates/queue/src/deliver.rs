@@ -22,6 +22,9 @@ use spool_wal::{LoggedEntry, ReadBack, Tracked, WalError};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// The reason a receipt reports for an entry forgotten before it was delivered.
+pub const FORGOTTEN: &str = "forgotten before delivery";
+
 impl Inner {
     pub(crate) async fn worker(self: Arc<Self>, lane: Arc<Lane>) {
         while let Some(lsns) = lane
@@ -91,6 +94,7 @@ impl Inner {
                     self.settle([lsn], &outcome);
                     lane.release(&[lsn], false);
                 }
+                ReadBack::Forgotten => self.forgotten(lane, &[lsn]).await,
                 ReadBack::Failed(e @ WalError::Corrupt { .. }) => {
                     tracing::error!(destination = %lane.name, lsn, error = %e, "a queued entry's WAL record is unreadable: a dead letter");
                     let reason = format!("WAL record unreadable: {e}");
@@ -102,7 +106,7 @@ impl Inner {
         (batch, unread)
     }
 
-    fn backoff(&self) -> Backoff {
+    pub(crate) fn backoff(&self) -> Backoff {
         Backoff::new(
             self.cfg.backoff_initial,
             self.cfg.backoff_max,
@@ -125,6 +129,12 @@ impl Inner {
         let mut work = vec![(batch, self.backoff())];
         while let Some((mut b, mut retry)) = work.pop() {
             loop {
+                // Forgotten since it was read (while an outage held it, say):
+                // never written.
+                self.drop_forgotten(lane, &mut b).await;
+                if b.is_empty() {
+                    break;
+                }
                 // Past the drain deadline nothing more is tried (and no attempt
                 // is burned): what is left stays pending in the WAL.
                 let res = tokio::select! {
@@ -251,7 +261,7 @@ impl Inner {
     /// an entry is terminal only once its marker is in the WAL, so its capacity
     /// stays held meanwhile. At the drain deadline it gives up; the entry then
     /// stays pending and is redelivered (idempotently) after the next start.
-    async fn record<F, Fut>(&self, lane: &Lane, what: &str, append: F) -> bool
+    pub(crate) async fn record<F, Fut>(&self, lane: &Lane, what: &str, append: F) -> bool
     where
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = spool_wal::Result<()>>,
@@ -278,6 +288,7 @@ impl Inner {
     }
 
     async fn delivered(&self, lane: &Lane, b: &[LoggedEntry], duplicates: u64) {
+        self.forget_late(lane, b).await;
         let lsns: Vec<u64> = b.iter().map(|e| e.lsn).collect();
         // Delivered either way (a lost marker only means a redelivery, which
         // the destination answers as a duplicate).

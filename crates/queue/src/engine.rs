@@ -22,7 +22,7 @@ use uuid::Uuid;
 /// The delivery engine. Cheap to clone.
 #[derive(Clone)]
 pub struct Engine {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 pub(crate) struct Inner {
@@ -50,6 +50,8 @@ pub(crate) struct Inner {
     pub wal_failing: AtomicBool,
     /// Requeue and purge one at a time (each reads the dead letters, then writes).
     dlq_ops: tokio::sync::Mutex<()>,
+    /// Wakes the tombstone task (a forget was appended).
+    pub tombstones: tokio::sync::Notify,
 }
 
 /// Figures of one destination's lane.
@@ -109,7 +111,7 @@ impl From<Tracked> for EntryStatus {
 }
 
 /// An entry found by [`Engine::get`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Found {
     /// LSN of its WAL record.
     pub lsn: u64,
@@ -168,6 +170,7 @@ impl Engine {
             low_disk: AtomicBool::new(false),
             wal_failing: AtomicBool::new(false),
             dlq_ops: tokio::sync::Mutex::new(()),
+            tombstones: tokio::sync::Notify::new(),
         });
         inner.read_disk();
         let bg = &inner.background;
@@ -181,6 +184,7 @@ impl Engine {
         bg.spawn(inner.clone().key_upkeep());
         bg.spawn(inner.clone().retention());
         bg.spawn(inner.clone().watch_disk());
+        bg.spawn(inner.clone().tombstone_task());
         let orphans = inner.wal.status().pending
             - inner
                 .lanes
@@ -243,6 +247,10 @@ impl Engine {
         destination: &str,
         id: Uuid,
     ) -> Result<Option<Found>, DestinationError> {
+        // Forgotten: gone, even before the destination has applied the delete.
+        if self.inner.wal.forgot_id(source, id) {
+            return Ok(None);
+        }
         if let Some(st) = self.inner.wal.lookup(id) {
             let wal = self.inner.wal.clone();
             let read = tokio::task::spawn_blocking(move || wal.read_entries(&[st.lsn])).await;

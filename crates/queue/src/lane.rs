@@ -269,6 +269,15 @@ mod tests {
         async fn query(&self, _: &Query) -> Result<Page, DestinationError> {
             Ok(Page::default())
         }
+        async fn search(
+            &self,
+            _: &spool_destination::Search,
+        ) -> Result<Vec<spool_destination::Hit>, DestinationError> {
+            Ok(Vec::new())
+        }
+        async fn forget(&self, _: &spool_destination::Tombstone) -> Result<u64, DestinationError> {
+            Ok(0)
+        }
         async fn health(&self) -> Result<(), DestinationError> {
             Ok(())
         }

@@ -59,12 +59,15 @@ mod engine;
 mod ingest;
 mod keys;
 mod lane;
+mod memory;
 mod tasks;
 
 pub use backoff::{delay as backoff_delay, jittered};
+pub use deliver::FORGOTTEN;
 pub use dlq::{DlqOutcome, Select};
 pub use engine::{Check, Engine, EntryStatus, Found, LaneStats, ShutdownReport};
 pub use ingest::PURGED;
+pub use memory::{Forget, ForgetError, Forgotten};
 pub use spool_wal::{DeadLetter, Entry, LoggedEntry, RecoveryReport, RetentionReport, WalStatus};
 
 use std::time::Duration;

@@ -8,7 +8,8 @@ mod common;
 use async_trait::async_trait;
 use common::entry;
 use spool_destination::{
-    Destination, DestinationError, Page, PostgresDestination, Query, SqliteDestination, StoredEntry,
+    Destination, DestinationError, Hit, Page, PostgresDestination, Query, Search,
+    SqliteDestination, StoredEntry, Tombstone,
 };
 use spool_queue::{Engine, EngineConfig, Outcome};
 use spool_testkit::PgServer;
@@ -56,6 +57,12 @@ impl Destination for Counting {
     }
     async fn health(&self) -> Result<(), DestinationError> {
         self.inner.health().await
+    }
+    async fn search(&self, s: &Search) -> Result<Vec<Hit>, DestinationError> {
+        self.inner.search(s).await
+    }
+    async fn forget(&self, t: &Tombstone) -> Result<u64, DestinationError> {
+        self.inner.forget(t).await
     }
     async fn close(&self) {
         self.inner.close().await

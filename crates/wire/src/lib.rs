@@ -208,6 +208,113 @@ pub struct DeadLetterAnswer {
     pub not_dead_letters: Vec<Uuid>,
 }
 
+/// The body of `POST /v1/{source}/forget`: exactly one of the two.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForgetRequest {
+    /// These entries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ids: Option<Vec<Uuid>>,
+    /// Every entry with this subject accepted until now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+}
+
+/// The answer to a forget (`DELETE /v1/{source}/entries/{id}`, `POST /v1/{source}/forget`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForgetAnswer {
+    /// LSN of the TOMBSTONE record (durable before this answer).
+    pub lsn: u64,
+    /// Ids forgotten (forget by ids).
+    pub forgotten: Vec<Uuid>,
+    /// Ids asked for that this source never had.
+    pub unknown: Vec<Uuid>,
+    /// The subject forgotten (forget by subject).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    /// Whether the destination has deleted them already (else it will, as soon
+    /// as it is reachable; reads and searches stop finding them either way once
+    /// it has).
+    pub applied: bool,
+    /// Rows the destination deleted (when applied).
+    pub deleted: u64,
+}
+
+/// The body of `POST /v1/{source}/search`: `q`, `embedding` or both.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SearchRequest {
+    /// Text: entries holding every word.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub q: Option<String>,
+    /// A query vector (the source's `embedding_dims` numbers): ranked by cosine similarity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embedding: Option<Vec<f32>>,
+    /// Only entries with this subject.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    /// Accepted at or after (RFC 3339 or Unix seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    /// Accepted before (RFC 3339 or Unix seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<String>,
+    /// Hits wanted (default 10, at most 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub k: Option<u32>,
+}
+
+/// The text signal of a hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TextSignal {
+    /// Rank among the text matches (1 = best).
+    pub rank: u32,
+}
+
+/// The vector signal of a hit.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct VectorSignal {
+    /// Rank by similarity (1 = best).
+    pub rank: u32,
+    /// Cosine similarity to the query vector (-1..1).
+    pub similarity: f32,
+}
+
+/// Which signals found a hit.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Signals {
+    /// Its words matched `q`.
+    pub text: Option<TextSignal>,
+    /// Its embedding ranked among the nearest to `embedding`.
+    pub vector: Option<VectorSignal>,
+}
+
+/// One search hit. `P` is the payload, as in [`StoredEntry`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Hit<P> {
+    /// Its id.
+    pub id: Uuid,
+    /// Its WAL position on the node that accepted it.
+    pub lsn: u64,
+    /// Its subject.
+    pub subject: Option<String>,
+    /// The entry as written (JSON).
+    pub payload: P,
+    /// When it was accepted (RFC 3339).
+    pub created_at: String,
+    /// Reciprocal rank fusion over its signals (each `1 / (60 + rank)`); higher is better.
+    pub score: f64,
+    /// The signals that found it.
+    pub signals: Signals,
+}
+
+/// `POST /v1/{source}/search`: best first.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SearchAnswer<P> {
+    /// The hits.
+    pub hits: Vec<Hit<P>>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,6 +6,9 @@ use spool_wal::{Entry, LoggedEntry};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
+mod memory;
+pub use memory::*;
+
 pub type Dest = Arc<dyn Destination>;
 
 pub fn logged(
@@ -29,7 +32,7 @@ fn q(source: &str) -> Query {
     }
 }
 
-async fn all(d: &Dest, source: &str) -> Vec<spool_destination::StoredEntry> {
+pub async fn all(d: &Dest, source: &str) -> Vec<spool_destination::StoredEntry> {
     d.query(&q(source)).await.unwrap().entries
 }
 

@@ -2,7 +2,9 @@
 #![allow(dead_code)]
 
 use async_trait::async_trait;
-use spool_destination::{Destination, DestinationError, Page, Query, StoredEntry};
+use spool_destination::{
+    Destination, DestinationError, Hit, Page, Query, Search, StoredEntry, Tombstone,
+};
 use spool_wal::{Entry, LoggedEntry};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -17,6 +19,8 @@ pub struct Faulty {
     pub attempts: Mutex<Vec<tokio::time::Instant>>,
     /// LSNs of every write attempt, in order.
     pub written: Mutex<Vec<u64>>,
+    /// Ids of every row ever inserted (also those deleted since).
+    pub inserted: Mutex<Vec<Uuid>>,
     /// Failures of unknown cause still to serve (health stays OK).
     pub fail_next: AtomicU32,
     /// Fail every write with an error of unknown cause (health stays OK).
@@ -38,6 +42,7 @@ impl Faulty {
             rows: Mutex::default(),
             attempts: Mutex::default(),
             written: Mutex::default(),
+            inserted: Mutex::default(),
             fail_next: AtomicU32::new(0),
             fail_always: AtomicBool::new(false),
             down: AtomicBool::new(false),
@@ -116,6 +121,7 @@ impl Destination for Faulty {
             match rows.entry(e.entry.id) {
                 std::collections::hash_map::Entry::Occupied(_) => duplicates += 1,
                 std::collections::hash_map::Entry::Vacant(v) => {
+                    self.inserted.lock().unwrap().push(e.entry.id);
                     v.insert(e.clone());
                 }
             }
@@ -123,12 +129,16 @@ impl Destination for Faulty {
         Ok(duplicates)
     }
 
-    async fn get(&self, _source: &str, id: Uuid) -> Result<Option<StoredEntry>, DestinationError> {
-        Ok(self.rows.lock().unwrap().get(&id).map(|e| StoredEntry {
-            lsn: e.lsn,
-            entry: e.entry.clone(),
-            delivered_at_us: 0,
-        }))
+    async fn get(&self, source: &str, id: Uuid) -> Result<Option<StoredEntry>, DestinationError> {
+        let rows = self.rows.lock().unwrap();
+        Ok(rows
+            .get(&id)
+            .filter(|e| e.entry.source == source)
+            .map(|e| StoredEntry {
+                lsn: e.lsn,
+                entry: e.entry.clone(),
+                delivered_at_us: 0,
+            }))
     }
 
     async fn query(&self, _q: &Query) -> Result<Page, DestinationError> {
@@ -141,6 +151,23 @@ impl Destination for Faulty {
         } else {
             Ok(())
         }
+    }
+
+    async fn search(&self, _s: &Search) -> Result<Vec<Hit>, DestinationError> {
+        Ok(Vec::new())
+    }
+
+    async fn forget(&self, t: &Tombstone) -> Result<u64, DestinationError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(self.outage("connection refused"));
+        }
+        let mut rows = self.rows.lock().unwrap();
+        let before = rows.len();
+        rows.retain(|_, le| {
+            let e = &le.entry;
+            !t.covers_parts(&e.source, e.id, e.subject.as_deref(), e.accepted_at_us)
+        });
+        Ok((before - rows.len()) as u64)
     }
 
     async fn close(&self) {}

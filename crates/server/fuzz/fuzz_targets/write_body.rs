@@ -20,6 +20,7 @@ fuzz_target!(|data: &[u8]| {
         max_entry_bytes: 4096,
         no_nul: flags & 2 != 0,
         header_key: (flags & 8 != 0).then(|| "k".to_owned()),
+        embedding_dims: (flags & 2 != 0).then_some(3),
     };
     let decoded;
     let body = if flags & 4 != 0 {

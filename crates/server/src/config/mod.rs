@@ -154,7 +154,15 @@ pub struct SourceConfig {
     /// Entries per second (sustained; bursts up to one second's worth).
     #[serde(default)]
     pub rate_limit: Option<f64>,
+    /// Length of this source's embeddings: an entry's top-level `embedding`
+    /// must have exactly this many numbers (stored for vector recall). Unset:
+    /// `embedding` is an ordinary payload field.
+    #[serde(default)]
+    pub embedding_dims: Option<usize>,
 }
+
+/// Largest `embedding_dims` a source may have.
+pub const MAX_EMBEDDING_DIMS: usize = 16_384;
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -332,6 +340,7 @@ impl Config {
                 token: None,
                 destination: None,
                 rate_limit: None,
+                embedding_dims: None,
             });
         }
         let first = self.destinations[0].name.clone();
@@ -450,6 +459,14 @@ impl Config {
             }
             if s.token.as_deref() == Some("") {
                 return bad(format!("source {:?}: token must not be empty", s.name));
+            }
+            if s.embedding_dims
+                .is_some_and(|d| !(1..=MAX_EMBEDDING_DIMS).contains(&d))
+            {
+                return bad(format!(
+                    "source {:?}: embedding_dims must be 1-{MAX_EMBEDDING_DIMS}",
+                    s.name
+                ));
             }
             if s.token.is_none() && !self.server.listen.ip().is_loopback() {
                 return bad(format!(

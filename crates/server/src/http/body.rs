@@ -16,10 +16,13 @@ pub struct BodyRules {
     pub no_nul: bool,
     /// The `Idempotency-Key` header (one-entry requests only).
     pub header_key: Option<String>,
+    /// The source's `embedding_dims`: a top-level `embedding` must have this
+    /// many finite numbers. `None`: `embedding` is an ordinary field.
+    pub embedding_dims: Option<usize>,
 }
 
 /// One entry of a write, checked: its destination can store it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ParsedEntry {
     /// Top-level `subject`.
     pub subject: Option<String>,
@@ -27,6 +30,8 @@ pub struct ParsedEntry {
     pub idempotency_key: Option<String>,
     /// The entry's JSON text, verbatim.
     pub payload: Vec<u8>,
+    /// Its top-level `embedding` (when the source has `embedding_dims`).
+    pub embedding: Option<Vec<f32>>,
 }
 
 /// A decoded write body into its entries, each checked by the rules of the
@@ -89,10 +94,30 @@ pub fn parse_entries(body: &[u8], rules: &BodyRules) -> Result<Vec<ParsedEntry>,
                 spool_destination::check_text("idempotency_key", key.as_deref(), rules.no_nul)
             })
             .map_err(invalid)?;
+        let embedding = match (fields.embedding, rules.embedding_dims) {
+            (_, None) | (Embedding::Absent, _) => None,
+            (Embedding::Invalid(why), Some(_)) => {
+                return Err(ApiError::bad(
+                    "invalid_entry",
+                    format!("{at}: `embedding` {why}"),
+                ))
+            }
+            (Embedding::Numbers(v), Some(dims)) if v.len() != dims => {
+                return Err(ApiError::bad(
+                    "invalid_entry",
+                    format!(
+                        "{at}: `embedding` has {} numbers; this source's embedding_dims is {dims}",
+                        v.len()
+                    ),
+                ))
+            }
+            (Embedding::Numbers(v), Some(_)) => Some(v),
+        };
         entries.push(ParsedEntry {
             subject,
             idempotency_key: key,
             payload: text.as_bytes().to_vec(),
+            embedding,
         });
     }
     Ok(entries)

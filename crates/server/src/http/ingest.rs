@@ -10,6 +10,40 @@ pub(crate) fn bad_query(e: axum::extract::rejection::QueryRejection) -> ApiError
     )
 }
 
+/// A body's `Content-Type` must be JSON (or, where `ndjson` is allowed,
+/// NDJSON: answered `true`); anything else, or none, is 415 — so no browser
+/// "simple request" reaches a route that changes anything.
+pub(crate) fn json_content_type(headers: &HeaderMap, ndjson: bool) -> ApiResult<bool> {
+    let allowed = if ndjson {
+        "application/json or application/x-ndjson"
+    } else {
+        "application/json"
+    };
+    let Some(ct) = headers.get(header::CONTENT_TYPE) else {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!("this request needs Content-Type: {allowed}"),
+        ));
+    };
+    let ct = ct.to_str().unwrap_or("?");
+    let mime = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    match mime.as_str() {
+        "application/json" => Ok(false),
+        "application/x-ndjson" | "application/ndjson" | "application/jsonl" if ndjson => Ok(true),
+        _ => Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!("Content-Type {ct:?} is not supported (use {allowed})"),
+        )),
+    }
+}
+
 pub(crate) async fn write(
     State(app): State<Arc<App>>,
     Path(source): Path<String>,
@@ -22,37 +56,7 @@ pub(crate) async fn write(
     let Query(params) = q.map_err(bad_query)?;
     let wait_delivered = params.wait == Wait::Delivered;
     let timeout = Duration::from_millis(params.timeout_ms.unwrap_or(5000).min(60_000));
-    let ndjson = match headers
-        .get(header::CONTENT_TYPE)
-        .map(|v| v.to_str().unwrap_or("?"))
-    {
-        None => {
-            return Err(ApiError::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_media_type",
-                "a write needs Content-Type: application/json or application/x-ndjson",
-            ))
-        }
-        Some(ct) => {
-            let mime = ct
-                .split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase();
-            match mime.as_str() {
-                "application/json" => false,
-                "application/x-ndjson" | "application/ndjson" | "application/jsonl" => true,
-                _ => {
-                    return Err(ApiError::new(
-                        StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                        "unsupported_media_type",
-                        format!("Content-Type {ct:?} is not supported (use application/json or application/x-ndjson)"),
-                    ))
-                }
-            }
-        }
-    };
+    let ndjson = json_content_type(&headers, true)?;
     let body = read_body(
         &headers,
         body,
@@ -74,6 +78,7 @@ pub(crate) async fn write(
         max_entry_bytes: app.cfg.limits.max_entry_bytes,
         no_nul: src.no_nul,
         header_key,
+        embedding_dims: src.embedding_dims,
     };
     let now = spool_wal::now_us();
     let entries: Vec<Entry> = parse_entries(&body, &rules)?
@@ -86,6 +91,7 @@ pub(crate) async fn write(
             idempotency_key: p.idempotency_key,
             accepted_at_us: now,
             payload: p.payload,
+            embedding: p.embedding,
         })
         .collect();
     drop(body);

@@ -18,6 +18,7 @@ mod body;
 mod error;
 mod guard;
 mod ingest;
+mod memory;
 mod probes;
 mod read;
 
@@ -38,17 +39,19 @@ use body::*;
 use error::*;
 use guard::HostGuard;
 use ingest::*;
+use memory::*;
 use probes::*;
 use read::*;
 use serde::Serialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
-use spool_destination::{DestinationError, Field, Query as DestQuery};
+use spool_destination::{DestinationError, Embedding, Field, Query as DestQuery};
 use spool_queue::{DlqOutcome, Engine, EntryStatus, IngestError, Outcome, Select};
 use spool_wal::Entry;
 use spool_wire::{
     DeadLetterAnswer, DeadLetterParams, DeadLetterSelect, DeadLetters, EntryAnswer, EntryState,
-    ErrorBody, Wait, WriteAnswer, WriteParams,
+    ErrorBody, ForgetAnswer, ForgetRequest, SearchAnswer, SearchRequest, Wait, WriteAnswer,
+    WriteParams,
 };
 use std::collections::HashMap;
 use std::io::Read;
@@ -86,6 +89,8 @@ pub(crate) struct Source {
     /// Its destination refuses NUL in text (Postgres).
     no_nul: bool,
     limiter: Option<Mutex<Bucket>>,
+    /// Length of its embeddings, if it takes them.
+    embedding_dims: Option<usize>,
 }
 
 /// Token bucket: `rate` entries/s, bursts of one second's worth; a call larger
@@ -128,6 +133,7 @@ impl App {
                         token: s.token.clone(),
                         destination,
                         no_nul,
+                        embedding_dims: s.embedding_dims,
                         limiter: s.rate_limit.map(|rate| {
                             Mutex::new(Bucket {
                                 rate,
@@ -161,7 +167,9 @@ impl App {
 pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/v1/{source}/entries", post(write).get(read))
-        .route("/v1/{source}/entries/{id}", get(get_one))
+        .route("/v1/{source}/entries/{id}", get(get_one).delete(forget_one))
+        .route("/v1/{source}/forget", post(forget))
+        .route("/v1/{source}/search", post(search))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -191,8 +199,9 @@ async fn track(State(app): State<Arc<App>>, req: Request, next: Next) -> Respons
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned());
     let ops = matches!(route.as_str(), "/healthz" | "/readyz" | "/metrics");
+    // Everything but reads: writes, forgets, searches (a POST too) and admin.
     let guarded_route = route.starts_with("/v1/admin/")
-        || (route == "/v1/{source}/entries" && method == axum::http::Method::POST);
+        || (route.starts_with("/v1/{source}/") && method != axum::http::Method::GET);
     let resp = if app.closing.load(Ordering::SeqCst) && !ops {
         ApiError::unavailable("shutting down").into_response()
     } else if let Some(Err(e)) = app

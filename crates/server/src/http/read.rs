@@ -41,7 +41,7 @@ pub(crate) fn parse_time(name: &str, v: &str) -> ApiResult<i64> {
 
 /// A stored entry as the wire carries it; a payload that is somehow not JSON
 /// (written into the database by hand) goes out as a JSON string.
-fn wire_entry<'a>(
+pub(crate) fn wire_entry<'a>(
     e: &'a spool_destination::StoredEntry,
     text: &'a mut Option<Box<RawValue>>,
 ) -> WireEntry<&'a RawValue> {
@@ -71,7 +71,7 @@ fn wire_entry<'a>(
 }
 
 /// Serialize into a buffer sized for the payloads up front (no doubling).
-fn json_response<T: Serialize>(
+pub(crate) fn json_response<T: Serialize>(
     value: &T,
     payload_bytes: usize,
     entries: usize,

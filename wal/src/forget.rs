@@ -1,0 +1,81 @@
+//! Forgetting: TOMBSTONE records and the questions the rest of spool asks of them.
+//!
+//! A tombstone is durable before [`Wal::forget`] resolves. From then on the
+//! tracked entries it names by id are no longer pending (never delivered, never
+//! requeued), [`Wal::read_queued`] answers [`crate::ReadBack::Forgotten`] for any
+//! queued entry it covers, and [`Wal::forgets`] tells replay to skip what it
+//! covers. It is pending itself until the destination has applied its delete
+//! ([`Wal::mark_delivered`] with its LSN), and it is retained — carried by every
+//! checkpoint, its segment kept — for as long as an older segment may still hold
+//! an entry it forgot.
+
+use crate::entry::{Entry, MAX_NAME_LEN};
+use crate::error::{Result, WalError};
+use crate::format::{self, Kind, Tombstone};
+use crate::wal::Wal;
+use crate::writer::Op;
+use std::sync::Arc;
+use uuid::Uuid;
+
+impl Wal {
+    /// Append a TOMBSTONE; resolves with its LSN once durable (per the sync
+    /// mode). Not refused by the quota: forgetting is how space comes back.
+    pub async fn forget(&self, t: &Tombstone) -> Result<u64> {
+        if t.source.len() > MAX_NAME_LEN || t.destination.len() > MAX_NAME_LEN {
+            return Err(WalError::InvalidRecord(
+                "source and destination names are limited to 65535 bytes",
+            ));
+        }
+        let mut body = Vec::new();
+        format::encode_tombstone(t, &mut body);
+        let limit = self.config().max_record_bytes;
+        if body.len() > limit {
+            return Err(WalError::RecordTooLarge {
+                len: body.len(),
+                limit,
+            });
+        }
+        let lsns = self
+            .call(|reply| Op::Append {
+                records: vec![(Kind::Tombstone, body)],
+                durable: true,
+                gated: false,
+                reply,
+            })
+            .await?;
+        Ok(lsns[0])
+    }
+
+    /// Whether a retained tombstone forgets this entry (replay skips it).
+    pub fn forgets(&self, e: &Entry) -> bool {
+        self.shared
+            .state()
+            .forgets(&e.source, e.id, e.subject.as_deref(), e.accepted_at_us)
+    }
+
+    /// Of these entries, the ids a retained tombstone forgets.
+    pub fn forgotten_among<'a>(&self, entries: impl IntoIterator<Item = &'a Entry>) -> Vec<Uuid> {
+        let st = self.shared.state();
+        entries
+            .into_iter()
+            .filter(|e| st.forgets(&e.source, e.id, e.subject.as_deref(), e.accepted_at_us))
+            .map(|e| e.id)
+            .collect()
+    }
+
+    /// Tombstones whose delete the destination has not applied yet, oldest first.
+    pub fn pending_tombstones(&self) -> Vec<(u64, Arc<Tombstone>)> {
+        self.shared
+            .state()
+            .tombstones
+            .iter()
+            .filter(|(_, m)| !m.delivered)
+            .map(|(l, m)| (*l, m.tombstone.clone()))
+            .collect()
+    }
+
+    /// Whether a retained tombstone forgot `id` (by id) in `source`.
+    pub fn forgot_id(&self, source: &str, id: Uuid) -> bool {
+        self.shared.state().forgot_id(source, id)
+    }
+}

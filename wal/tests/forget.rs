@@ -1,0 +1,171 @@
+//! Forgetting: a TOMBSTONE ends what it names, survives restarts and
+//! checkpoints, and is retained while anything it forgot may be.
+
+mod common;
+
+use common::*;
+use spool_wal::{Entry, ReadBack, Tombstone, Wal, WalConfig};
+use std::time::Duration;
+use uuid::Uuid;
+
+fn by_ids(ids: &[Uuid]) -> Tombstone {
+    Tombstone {
+        at_us: spool_wal::now_us(),
+        source: "agents".into(),
+        destination: "main".into(),
+        ids: ids.to_vec(),
+        subject: None,
+    }
+}
+
+fn by_subject(subject: &str) -> Tombstone {
+    Tombstone {
+        subject: Some(subject.into()),
+        ..by_ids(&[])
+    }
+}
+
+fn with_subject(n: u64, subject: &str) -> Entry {
+    let mut e = entry(n);
+    e.subject = Some(subject.into());
+    e
+}
+
+fn read_one(wal: &Wal, lsn: u64) -> ReadBack {
+    wal.read_queued(&[lsn]).pop().unwrap().1
+}
+
+#[tokio::test]
+async fn a_pending_entry_forgotten_by_id_is_never_read_for_delivery_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path(), WalConfig::default()).unwrap();
+    let (a, b) = (entry(1), entry(2));
+    let lsns = wal.append(&[a.clone(), b.clone()]).await.unwrap();
+    let t = wal.forget(&by_ids(&[a.id])).await.unwrap();
+    assert!(t > lsns[1]);
+    assert_eq!(pending_ns(&wal), vec![2]);
+    assert!(matches!(read_one(&wal, lsns[0]), ReadBack::Gone));
+    assert!(matches!(read_one(&wal, lsns[1]), ReadBack::Entry(_)));
+    assert_eq!(wal.pending_tombstones().len(), 1);
+    wal.close();
+    drop(wal);
+
+    let wal = Wal::open(dir.path(), WalConfig::default()).unwrap();
+    assert_eq!(pending_ns(&wal), vec![2], "the forgotten entry came back");
+    assert!(wal.forgets(&a) && !wal.forgets(&b));
+    assert!(wal.forgot_id("agents", a.id) && !wal.forgot_id("other", a.id));
+    assert_eq!(wal.pending_tombstones()[0].0, t);
+    wal.mark_delivered(&[t]).await.unwrap();
+    assert!(wal.pending_tombstones().is_empty());
+}
+
+#[tokio::test]
+async fn an_id_of_another_source_is_not_forgotten() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path(), WalConfig::default()).unwrap();
+    let a = entry(1);
+    let l = wal.append(std::slice::from_ref(&a)).await.unwrap()[0];
+    let mut t = by_ids(&[a.id]);
+    t.source = "intruder".into();
+    wal.forget(&t).await.unwrap();
+    assert!(matches!(read_one(&wal, l), ReadBack::Entry(_)));
+    assert!(!wal.forgets(&a));
+}
+
+#[tokio::test]
+async fn a_subject_forgets_what_was_accepted_before_it_not_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path(), WalConfig::default()).unwrap();
+    let before = with_subject(1, "alice");
+    let other = with_subject(2, "bob");
+    let lsns = wal.append(&[before.clone(), other.clone()]).await.unwrap();
+    wal.forget(&by_subject("alice")).await.unwrap();
+    let mut after = with_subject(3, "alice");
+    after.accepted_at_us = spool_wal::now_us() + 1;
+    let l3 = wal.append(std::slice::from_ref(&after)).await.unwrap()[0];
+    assert!(matches!(read_one(&wal, lsns[0]), ReadBack::Forgotten));
+    assert!(matches!(read_one(&wal, lsns[1]), ReadBack::Entry(_)));
+    assert!(matches!(read_one(&wal, l3), ReadBack::Entry(_)));
+    assert_eq!(
+        wal.forgotten_among([&before, &other, &after]),
+        vec![before.id]
+    );
+}
+
+#[tokio::test]
+async fn tombstones_are_carried_by_checkpoints_across_rotations() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = || WalConfig {
+        retention: Duration::from_secs(3600),
+        ..small(4096)
+    };
+    let wal = Wal::open(dir.path(), cfg()).unwrap();
+    let a = with_subject(1, "alice");
+    wal.append(std::slice::from_ref(&a)).await.unwrap();
+    let t = wal.forget(&by_subject("alice")).await.unwrap();
+    for _ in 0..3 {
+        wal.rotate().await.unwrap();
+    }
+    wal.mark_delivered(&[t]).await.unwrap();
+    wal.rotate().await.unwrap();
+    wal.close();
+    drop(wal);
+    // Recovery starts at the newest checkpoint and reads the tombstone at its offset.
+    let wal = Wal::open(dir.path(), cfg()).unwrap();
+    assert!(wal.recovery_report().checkpoint_lsn.is_some());
+    assert!(wal.forgets(&a), "the tombstone was lost by the checkpoint");
+    assert!(wal.pending_tombstones().is_empty(), "its delivery was lost");
+}
+
+#[tokio::test]
+async fn retention_keeps_a_tombstone_while_an_older_segment_holds_what_it_forgot() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = || WalConfig {
+        retention: Duration::ZERO,
+        ..small(4096)
+    };
+    let wal = Wal::open(dir.path(), cfg()).unwrap();
+    // Segment 1: a dead letter (pins it) and an entry to forget.
+    let dead = wal.append(&[entry(1)]).await.unwrap()[0];
+    let forgotten = with_subject(2, "alice");
+    let f = wal.append(std::slice::from_ref(&forgotten)).await.unwrap()[0];
+    wal.mark_failed(dead, 3, "constraint").await.unwrap();
+    wal.mark_delivered(&[f]).await.unwrap();
+    wal.rotate().await.unwrap();
+    // Segment 2: the tombstone, delivered.
+    let t = wal.forget(&by_subject("alice")).await.unwrap();
+    wal.mark_delivered(&[t]).await.unwrap();
+    wal.rotate().await.unwrap();
+    wal.run_retention().await.unwrap();
+    assert_eq!(
+        segments(dir.path()).len(),
+        3,
+        "the tombstone's segment went first"
+    );
+    wal.close();
+    drop(wal);
+    let wal = Wal::open(dir.path(), cfg()).unwrap();
+    assert!(wal.forgets(&forgotten));
+    // Once the dead letter is purged, the oldest segment goes, then the tombstone's.
+    wal.purge(&[dead]).await.unwrap();
+    wal.rotate().await.unwrap();
+    wal.run_retention().await.unwrap();
+    assert_eq!(segments(dir.path()).len(), 1);
+    assert!(!wal.forgets(&forgotten), "a retired tombstone is dropped");
+}
+
+#[tokio::test]
+async fn an_embedding_is_stored_with_its_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path(), WalConfig::default()).unwrap();
+    let mut e = entry(1);
+    e.embedding = Some(vec![0.25, -1.5, 3.0e-8, 1.0e30]);
+    let l = wal.append(std::slice::from_ref(&e)).await.unwrap()[0];
+    wal.close();
+    drop(wal);
+    let wal = Wal::open(dir.path(), WalConfig::default()).unwrap();
+    match read_one(&wal, l) {
+        ReadBack::Entry(back) => assert_eq!(back, e),
+        other => panic!("{other:?}"),
+    }
+}
