@@ -65,12 +65,20 @@ impl Wal {
 
     /// Tombstones whose delete the destination has not applied yet, oldest first.
     pub fn pending_tombstones(&self) -> Vec<(u64, Arc<Tombstone>)> {
+        self.tombstones()
+            .into_iter()
+            .filter(|(_, _, applied)| !applied)
+            .map(|(l, t, _)| (l, t))
+            .collect()
+    }
+
+    /// Every retained tombstone, oldest first, and whether its delete is applied.
+    pub fn tombstones(&self) -> Vec<(u64, Arc<Tombstone>, bool)> {
         self.shared
             .state()
             .tombstones
             .iter()
-            .filter(|(_, m)| !m.delivered)
-            .map(|(l, m)| (*l, m.tombstone.clone()))
+            .map(|(l, m)| (*l, m.tombstone.clone(), m.delivered))
             .collect()
     }
 

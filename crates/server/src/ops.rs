@@ -204,6 +204,7 @@ pub async fn replay(cfg: &Config, r: Replay) -> Out {
         None
     };
     let (mut counts, mut skipped, mut copied, mut purged) = ([0u64; 3], 0u64, 0u64, 0u64);
+    let mut forgotten = 0u64;
     let mut batch = Vec::new();
     let mut pending_lsns = Vec::new();
     let flush = |batch: &mut Vec<spool_wal::LoggedEntry>, pending: &mut Vec<u64>| {
@@ -238,6 +239,12 @@ pub async fn replay(cfg: &Config, r: Replay) -> Out {
             purged += 1;
             continue;
         }
+        if wal.forgets(&entry) {
+            // Forgotten by its producer: never delivered again (its tombstones
+            // are applied below, for copies the destination may still hold).
+            forgotten += 1;
+            continue;
+        }
         let wanted_source = match &r.source {
             Some(s) => &entry.source == s,
             None => entry.destination == r.destination,
@@ -266,6 +273,27 @@ pub async fn replay(cfg: &Config, r: Replay) -> Out {
     if let Some(b) = bar {
         b.finish_and_clear();
     }
+    let mut tombstones = 0u64;
+    for (lsn, t, applied) in wal.tombstones() {
+        let wanted = match &r.source {
+            Some(s) => &t.source == s,
+            None => t.destination == r.destination,
+        };
+        if !wanted || lsn < r.from || lsn > last {
+            continue;
+        }
+        tombstones += 1;
+        if let Some(d) = &dest {
+            d.forget(&t)
+                .await
+                .context("applying a tombstone to the destination")?;
+            if !applied && t.destination == r.destination {
+                wal.mark_delivered(&[lsn])
+                    .await
+                    .context("marking a tombstone applied")?;
+            }
+        }
+    }
     if let Some(d) = &dest {
         d.close().await;
     }
@@ -275,10 +303,11 @@ pub async fn replay(cfg: &Config, r: Replay) -> Out {
             "destination": r.destination, "dry_run": r.dry_run, "replayed": total,
             "pending": counts[0], "delivered": counts[1], "failed": counts[2], "skipped": skipped,
             "copied_from_other_destinations": copied, "purged_skipped": purged,
+            "forgotten_skipped": forgotten, "tombstones_applied": tombstones,
         }));
     } else {
         println!(
-            "{} {total} entries to {:?} (pending {}, delivered {}, failed {}; {copied} of another destination, status unchanged); skipped {skipped}, purged {purged}",
+            "{} {total} entries to {:?} (pending {}, delivered {}, failed {}; {copied} of another destination, status unchanged); skipped {skipped}, purged {purged}, forgotten {forgotten}; {tombstones} tombstones applied",
             if r.dry_run {
                 "would replay"
             } else {
