@@ -50,6 +50,9 @@ pub enum Kind {
     Purged = 6,
     /// Entries forgotten (by id or by subject) by a producer. Since version 4.
     Tombstone = 7,
+    /// What was an ENTRY record of a forgotten entry, erased by `spool wal
+    /// compact` (same length, body zeroed). Since version 4.
+    Erased = 8,
 }
 
 impl Kind {
@@ -63,6 +66,7 @@ impl Kind {
             5 => Kind::Checkpoint,
             6 => Kind::Purged,
             7 => Kind::Tombstone,
+            8 => Kind::Erased,
             _ => return None,
         })
     }
@@ -77,6 +81,7 @@ impl Kind {
             Kind::Checkpoint => "checkpoint",
             Kind::Purged => "purged",
             Kind::Tombstone => "tombstone",
+            Kind::Erased => "erased",
         }
     }
 }
@@ -105,6 +110,8 @@ pub enum Record {
     Purged(Vec<u64>),
     /// Entries a producer forgot.
     Tombstone(Tombstone),
+    /// An erased ENTRY record (its body's length).
+    Erased(usize),
 }
 
 impl Record {
@@ -118,6 +125,7 @@ impl Record {
             Record::Checkpoint(_) => Kind::Checkpoint,
             Record::Purged(_) => Kind::Purged,
             Record::Tombstone(_) => Kind::Tombstone,
+            Record::Erased(_) => Kind::Erased,
         }
     }
 }
@@ -458,6 +466,7 @@ pub fn encode_record(r: &Record, out: &mut Vec<u8>) {
         } => encode_failed(*lsn, *attempts, reason, out),
         Record::Checkpoint(c) => encode_checkpoint(c, out),
         Record::Tombstone(t) => encode_tombstone(t, out),
+        Record::Erased(n) => out.resize(out.len() + n, 0),
     }
 }
 
@@ -667,6 +676,7 @@ pub fn decode_record(kind: Kind, body: &[u8]) -> Result<Record, BodyError> {
     let r = match kind {
         Kind::Entry => return decode_entry(body).map(Record::Entry),
         Kind::Tombstone => return decode_tombstone(body).map(Record::Tombstone),
+        Kind::Erased => return Ok(Record::Erased(body.len())),
         Kind::Delivered | Kind::Requeued | Kind::Purged => {
             let v = c.lsns()?;
             match kind {
@@ -811,6 +821,7 @@ mod tests {
                 ids: vec![],
                 subject: Some("user-42".into()),
             }),
+            Record::Erased(40),
             Record::Delivered(vec![1, 2, 3]),
             Record::Failed {
                 lsn: 7,
@@ -919,12 +930,13 @@ mod tests {
                 "KIND_CHECKPOINT" => (Kind::Checkpoint as u8).to_string(),
                 "KIND_PURGED" => (Kind::Purged as u8).to_string(),
                 "KIND_TOMBSTONE" => (Kind::Tombstone as u8).to_string(),
+                "KIND_ERASED" => (Kind::Erased as u8).to_string(),
                 other => panic!("docs/wal-format.md names unknown constant {other}"),
             };
             assert_eq!(value, want, "docs/wal-format.md: {name}");
             seen += 1;
         }
-        assert_eq!(seen, 14, "constants table incomplete");
+        assert_eq!(seen, 16, "constants table incomplete");
         // The header tables' sizes add up to the constants.
         assert_eq!(encode_segment_header(1).len(), SEGMENT_HEADER_LEN);
         let mut f = Vec::new();

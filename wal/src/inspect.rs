@@ -227,7 +227,7 @@ pub fn inspect(dir: impl AsRef<Path>, from: u64, limit: usize) -> Result<Vec<Rec
             }
             Record::Delivered(l) | Record::Requeued(l) | Record::Purged(l) => info.targets = l,
             Record::Failed { lsn, .. } => info.targets = vec![lsn],
-            Record::Checkpoint(_) => {}
+            Record::Checkpoint(_) | Record::Erased(_) => {}
         }
         out.push(info);
     }

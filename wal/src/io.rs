@@ -30,6 +30,12 @@ pub trait WalIo: Send + Sync + 'static {
     fn remove(&self, path: &Path) -> io::Result<()>;
     /// fsync the directory `dir`, making creations and removals in it durable.
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+    /// Rename `from` over `to` atomically (not durable until `sync_dir`).
+    /// Only `spool wal compact` renames, offline; the fault seam does not
+    /// model it.
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        std::fs::rename(from, to)
+    }
 }
 
 /// The real filesystem.

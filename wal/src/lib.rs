@@ -63,6 +63,7 @@
 //! # Ok(()) }
 //! ```
 
+mod compact;
 pub mod config;
 pub mod entry;
 pub mod error;
@@ -80,6 +81,7 @@ mod state;
 mod wal;
 mod writer;
 
+pub use compact::CompactReport;
 pub use config::{OnCorruption, SyncMode, WalConfig};
 pub use entry::{now_us, Entry, LoggedEntry};
 pub use error::{Result, WalError};

@@ -198,6 +198,8 @@ impl State {
                 self.insert_entry(lsn, offset, body, Tracked::Pending)?;
             }
             Kind::Tombstone => self.insert_tombstone(lsn, offset, body, false)?,
+            // An erased forgotten entry: nothing to track.
+            Kind::Erased => {}
             _ => match format::decode_record(kind, body)? {
                 Record::Delivered(lsns) => {
                     for l in lsns {
@@ -234,7 +236,9 @@ impl State {
                     }
                 }
                 Record::Checkpoint(cp) => self.apply_checkpoint(lsn, &cp),
-                Record::Entry(_) | Record::Tombstone(_) => unreachable!("handled above"),
+                Record::Entry(_) | Record::Tombstone(_) | Record::Erased(_) => {
+                    unreachable!("handled above")
+                }
             },
         }
         Ok(())

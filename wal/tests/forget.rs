@@ -169,3 +169,79 @@ async fn an_embedding_is_stored_with_its_entry() {
         other => panic!("{other:?}"),
     }
 }
+
+#[tokio::test]
+async fn compaction_erases_forgotten_payloads_from_sealed_segments_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = || WalConfig {
+        retention: Duration::from_secs(3600),
+        ..small(4096)
+    };
+    let wal = Wal::open(dir.path(), cfg()).unwrap();
+    let secret = |n: u64, subject: &str| {
+        let mut e = Entry::new(
+            "agents",
+            "main",
+            format!(r#"{{"secret":"hunter{n}"}}"#).into_bytes(),
+        );
+        e.subject = Some(subject.into());
+        e
+    };
+    let (gone, kept, pending) = (secret(1, "alice"), secret(2, "bob"), secret(3, "carol"));
+    let lsns = wal
+        .append(&[gone.clone(), kept.clone(), pending.clone()])
+        .await
+        .unwrap();
+    wal.mark_delivered(&lsns[..2]).await.unwrap();
+    wal.forget(&by_subject("alice")).await.unwrap();
+    // Forgotten but still pending: left for its worker, not erased.
+    wal.forget(&by_ids(&[pending.id])).await.unwrap();
+    wal.rotate().await.unwrap();
+    // In the active segment (and still pending): never touched.
+    let mut late = secret(4, "alice");
+    late.accepted_at_us = 0;
+    wal.append(std::slice::from_ref(&late)).await.unwrap();
+    wal.forget(&by_subject("alice")).await.unwrap();
+
+    let contains = |needle: &str| {
+        segments(dir.path()).iter().any(|p| {
+            std::fs::read(p)
+                .unwrap()
+                .windows(needle.len())
+                .any(|w| w == needle.as_bytes())
+        })
+    };
+    assert!(contains("hunter1") && contains("hunter4"));
+    let report = wal.compact().unwrap();
+    assert_eq!(
+        (report.segments_rewritten, report.entries_erased),
+        (1, 2),
+        "{report:?}"
+    );
+    assert!(
+        !contains("hunter1"),
+        "the forgotten payload is still on disk"
+    );
+    assert!(
+        !contains("hunter3"),
+        "a forgotten id is gone from tracking: erased too"
+    );
+    assert!(contains("hunter2") && contains("hunter4"));
+    assert_eq!(wal.compact().unwrap().entries_erased, 0, "idempotent");
+    wal.close();
+    drop(wal);
+
+    assert!(spool_wal::inspect::verify(dir.path()).unwrap().is_ok());
+    let wal = Wal::open(dir.path(), cfg()).unwrap();
+    assert!(wal.forgets(&gone) && !wal.forgets(&kept));
+    assert_eq!(wal.status().pending, 1, "only the late entry is pending");
+    drop(wal);
+    let records = spool_wal::inspect::inspect(dir.path(), 0, 100).unwrap();
+    assert_eq!(
+        records
+            .iter()
+            .filter(|r| r.kind == spool_wal::Kind::Erased)
+            .count(),
+        2
+    );
+}

@@ -124,6 +124,14 @@ enum WalCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Rewrite sealed segments without forgotten entries' records (each
+    /// segment copied, fsynced and renamed over the old one; never in place).
+    Compact {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -215,6 +223,7 @@ fn main() -> ExitCode {
                 json,
             } => ops::inspect(&dir, from, limit, json),
             WalCmd::Stats { dir, json } => ops::stats(&dir, json),
+            WalCmd::Compact { dir, json } => ops::compact(&dir, json),
         },
         Cmd::Replay {
             config,

@@ -139,6 +139,26 @@ pub fn stats(dir: &Path, as_json: bool) -> Out {
     Ok(ExitCode::SUCCESS)
 }
 
+pub fn compact(dir: &Path, as_json: bool) -> Out {
+    existing_dir(dir)?;
+    let wal = Wal::open(dir, spool_wal::WalConfig::default()).map_err(wal_failure)?;
+    let r = wal.compact().map_err(wal_failure);
+    wal.close();
+    let r = r?;
+    if as_json {
+        print_json(json!({
+            "segments_scanned": r.segments_scanned, "segments_rewritten": r.segments_rewritten,
+            "entries_erased": r.entries_erased, "bytes_erased": r.bytes_erased,
+        }));
+    } else {
+        println!(
+            "erased {} forgotten entries ({} bytes) in {} of {} sealed segments",
+            r.entries_erased, r.bytes_erased, r.segments_rewritten, r.segments_scanned
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn open_wal(cfg: &Config) -> Result<Wal, Failure> {
     if !cfg.wal.dir.is_dir() {
         return Err(Failure::Usage(format!(
