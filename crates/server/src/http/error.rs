@@ -33,6 +33,14 @@ impl ApiError {
     pub fn code(&self) -> &'static str {
         self.code
     }
+    /// The answer's body.
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody {
+            error: self.code.to_owned(),
+            message: self.message.clone(),
+            retry_after_seconds: self.retry_after,
+        }
+    }
     pub(crate) fn retry(mut self, secs: u64) -> ApiError {
         self.retry_after = Some(secs.max(1));
         self
@@ -53,12 +61,7 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = ErrorBody {
-            error: self.code.to_owned(),
-            message: self.message,
-            retry_after_seconds: self.retry_after,
-        };
-        let mut r = (self.status, Json(body)).into_response();
+        let mut r = (self.status, Json(self.body())).into_response();
         if let Some(s) = self.retry_after {
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(s));

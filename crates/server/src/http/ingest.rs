@@ -72,44 +72,9 @@ pub(crate) async fn write(
             })
         })
         .transpose()?;
-    let rules = BodyRules {
-        ndjson,
-        max_entries: app.cfg.limits.max_entries_per_request,
-        max_entry_bytes: app.cfg.limits.max_entry_bytes,
-        no_nul: src.no_nul,
-        header_key,
-        embedding_dims: src.embedding_dims,
-    };
-    let now = spool_wal::now_us();
-    let entries: Vec<Entry> = parse_entries(&body, &rules)?
-        .into_iter()
-        .map(|p| Entry {
-            id: Uuid::now_v7(),
-            source: source.clone(),
-            destination: src.destination.clone(),
-            subject: p.subject,
-            idempotency_key: p.idempotency_key,
-            accepted_at_us: now,
-            payload: p.payload,
-            embedding: p.embedding,
-        })
-        .collect();
+    let parsed = parse_entries(&body, &app.rules(src, ndjson, header_key))?;
     drop(body);
-    if let Some(l) = &src.limiter {
-        l.lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take(entries.len())
-            .map_err(|secs| {
-                spool_queue::EngineObserver::shed(&*app.metrics, &source, entries.len() as u64);
-                ApiError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate_limited",
-                    format!("source {source:?} is over its rate_limit"),
-                )
-                .retry(secs)
-            })?;
-    }
-    let receipt = app.engine.ingest(entries, wait_delivered).await?;
+    let receipt = accept(&app, &source, src, parsed, wait_delivered).await?;
     let replayed = receipt.any_replayed();
     let accepted = receipt.accepted.clone();
     let (status, answers) = if wait_delivered {
@@ -165,6 +130,66 @@ pub(crate) async fn write(
             .insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
     Ok(resp)
+}
+
+impl App {
+    /// The rules a write body for `src` must satisfy.
+    pub(crate) fn rules(
+        &self,
+        src: &Source,
+        ndjson: bool,
+        header_key: Option<String>,
+    ) -> BodyRules {
+        BodyRules {
+            ndjson,
+            max_entries: self.cfg.limits.max_entries_per_request,
+            max_entry_bytes: self.cfg.limits.max_entry_bytes,
+            no_nul: src.no_nul,
+            header_key,
+            embedding_dims: src.embedding_dims,
+        }
+    }
+}
+
+/// Accept checked entries for `source`: ids and accept time, its rate
+/// limit, then the engine (answered once durable). With `track`, the receipt
+/// can wait for each entry's outcome.
+pub(crate) async fn accept(
+    app: &App,
+    source: &str,
+    src: &Source,
+    parsed: Vec<ParsedEntry>,
+    track: bool,
+) -> ApiResult<spool_queue::Receipt> {
+    let now = spool_wal::now_us();
+    let entries: Vec<Entry> = parsed
+        .into_iter()
+        .map(|p| Entry {
+            id: Uuid::now_v7(),
+            source: source.to_owned(),
+            destination: src.destination.clone(),
+            subject: p.subject,
+            idempotency_key: p.idempotency_key,
+            accepted_at_us: now,
+            payload: p.payload,
+            embedding: p.embedding,
+        })
+        .collect();
+    if let Some(l) = &src.limiter {
+        l.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take(entries.len())
+            .map_err(|secs| {
+                spool_queue::EngineObserver::shed(&*app.metrics, source, entries.len() as u64);
+                ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    format!("source {source:?} is over its rate_limit"),
+                )
+                .retry(secs)
+            })?;
+    }
+    Ok(app.engine.ingest(entries, track).await?)
 }
 
 /// Status of an accepted entry: tracked by the WAL (pending, dead, purged) or delivered.

@@ -18,6 +18,7 @@ mod body;
 mod error;
 mod guard;
 mod ingest;
+pub mod mcp;
 mod memory;
 mod probes;
 mod read;
@@ -177,6 +178,15 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/admin/dead-letters/requeue", post(requeue))
         .route("/v1/admin/dead-letters/purge", post(purge))
         .route("/v1/admin/stats", get(stats))
+        .nest_service(
+            "/mcp",
+            tower::ServiceBuilder::new()
+                .layer(middleware::from_fn_with_state(
+                    app.clone(),
+                    mcp::authenticate,
+                ))
+                .service(mcp::service(app.clone())),
+        )
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -201,6 +211,7 @@ async fn track(State(app): State<Arc<App>>, req: Request, next: Next) -> Respons
     let ops = matches!(route.as_str(), "/healthz" | "/readyz" | "/metrics");
     // Everything but reads: writes, forgets, searches (a POST too) and admin.
     let guarded_route = route.starts_with("/v1/admin/")
+        || route.starts_with("/mcp")
         || (route.starts_with("/v1/{source}/") && method != axum::http::Method::GET);
     let resp = if app.closing.load(Ordering::SeqCst) && !ops {
         ApiError::unavailable("shutting down").into_response()
