@@ -19,7 +19,12 @@ lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
-unit:
+# The MCP Inspector CLI (npm), for tests/tests/mcp_inspector.rs; pinned.
+MCP_INSPECTOR := target/mcp-inspector/node_modules/.bin/mcp-inspector
+$(MCP_INSPECTOR):
+	npm install --prefix target/mcp-inspector --no-audit --no-fund --loglevel=error @modelcontextprotocol/inspector@2.12.0
+
+unit: $(MCP_INSPECTOR)
 	$(CARGO) build --locked -p spool-server --bin spool   # the e2e tests (tests/) run this binary
 	$(CARGO) test --workspace --locked
 

@@ -14,6 +14,7 @@
 
 pub mod config;
 pub mod http;
+pub mod mcp_stdio;
 pub mod metrics;
 
 use anyhow::Context;

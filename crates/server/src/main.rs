@@ -90,6 +90,19 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// An MCP server on stdin/stdout forwarding to a running spool's /mcp
+    /// (for agents that only speak stdio).
+    Mcp {
+        /// The running spool, e.g. http://127.0.0.1:7070.
+        #[arg(long)]
+        url: String,
+        /// The source the agent's memories belong to.
+        #[arg(long)]
+        source: String,
+        /// The source's bearer token (or SPOOL_TOKEN in the environment).
+        #[arg(long)]
+        token: Option<String>,
+    },
     /// Dead letters (offline; with a server running use the admin API).
     Dlq {
         #[command(subcommand)]
@@ -194,9 +207,9 @@ fn load_config(path: Option<&PathBuf>) -> Result<Config, Failure> {
     })
 }
 
-fn init_logs(format: LogFormat) {
+fn init_logs(format: LogFormat, default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -209,7 +222,12 @@ fn init_logs(format: LogFormat) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logs(cli.log_format);
+    // `spool mcp` runs under an agent that shows stderr to people: quiet.
+    let quiet = matches!(cli.cmd, Cmd::Mcp { .. });
+    init_logs(
+        cli.log_format,
+        if quiet { "warn" } else { "info,sqlx=warn" },
+    );
     let result = match cli.cmd {
         Cmd::Serve { config } => {
             load_config(config.as_ref()).and_then(|c| serve(c).map_err(Failure::from))
@@ -245,6 +263,12 @@ fn main() -> ExitCode {
                 json,
             };
             runtime()?.block_on(ops::replay(&c, r))
+        }),
+        Cmd::Mcp { url, source, token } => runtime().and_then(|rt| {
+            let token = token.or_else(|| std::env::var("SPOOL_TOKEN").ok());
+            rt.block_on(spool_server::mcp_stdio::serve(&url, &source, token))
+                .map(|()| ExitCode::SUCCESS)
+                .map_err(Failure::Failed)
         }),
         Cmd::Dlq { cmd } => match cmd {
             DlqCmd::List {

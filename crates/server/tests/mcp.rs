@@ -260,3 +260,44 @@ async fn the_open_default_takes_mcp_without_a_token_from_its_own_host_only() {
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "403");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spool_mcp_serves_stdio_forwarding_to_a_running_spool() {
+    use rmcp::transport::{ConfigureCommandExt, TokioChildProcess};
+    let s = serve(SOURCES).await;
+    let base = s.base.clone();
+    let cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_spool")).configure(|c| {
+        c.args([
+            "mcp", "--url", &base, "--source", "agents", "--token", "tok-a",
+        ]);
+    });
+    let c = ClientConfig::default()
+        .serve(TokioChildProcess::new(cmd).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(c.list_all_tools().await.unwrap().len(), 4);
+    let v = ok(call(
+        &c,
+        "remember",
+        json!({"memories": [{"text": "stdio works", "embedding": [0, 0, 1]}], "wait_until_delivered": true}),
+    )
+    .await);
+    assert_eq!(v["entries"][0]["status"], "delivered", "{v}");
+    let v = ok(call(&c, "recall", json!({"embedding": [0, 0, 1]})).await);
+    assert_eq!(texts(&v, "hits"), ["stdio works"]);
+    let e = err(call(&c, "get", json!({"id": "nope"})).await);
+    assert_eq!(e["error"], "not_found");
+    c.cancel().await.unwrap();
+
+    // A refused token: `spool mcp` exits 1 naming the cause, before serving.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_spool"))
+        .args([
+            "mcp", "--url", &base, "--source", "agents", "--token", "wrong",
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach spool's MCP"));
+}
