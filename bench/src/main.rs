@@ -2,6 +2,7 @@
 //! its own line, so runs can be compared (see docs/benchmarks.md).
 
 mod client;
+mod recall;
 mod scrape;
 
 use anyhow::{bail, Context, Result};
@@ -100,6 +101,27 @@ enum Cmd {
         /// Batches written concurrently.
         #[arg(long, default_value_t = 1)]
         concurrency: usize,
+    },
+    /// Search latency (text, vector, hybrid) over N memories of D dims, and recall@10.
+    Recall {
+        /// `sqlite` or `postgres`.
+        #[arg(long)]
+        destination: String,
+        /// Postgres URL; without it a throwaway local server is started.
+        #[arg(long)]
+        url: Option<String>,
+        /// SQLite file; without it a temp file.
+        #[arg(long)]
+        path: Option<PathBuf>,
+        /// Memories stored before searching.
+        #[arg(long, default_value_t = 100_000)]
+        memories: usize,
+        /// Embedding dimensions.
+        #[arg(long, default_value_t = 384)]
+        dims: usize,
+        /// Searches per mode.
+        #[arg(long, default_value_t = 50)]
+        queries: usize,
     },
     /// HTTP ingest against a running server: closed loop, or open loop with --rate.
     Http {
@@ -223,6 +245,34 @@ fn main() -> Result<()> {
             delivered,
         } => {
             println!("{}", wal_recovery(&dir, entries, record_bytes, delivered)?);
+            Ok(())
+        }
+        Cmd::Recall {
+            destination,
+            url,
+            path,
+            memories,
+            dims,
+            queries,
+        } => {
+            if memories == 0 || dims == 0 || queries == 0 {
+                bail!("--memories, --dims and --queries must be positive");
+            }
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            let lines = rt.block_on(recall::recall(
+                &destination,
+                url,
+                path,
+                memories,
+                dims,
+                queries,
+            ))?;
+            for line in lines {
+                println!("{line}");
+            }
             Ok(())
         }
         Cmd::Sink {

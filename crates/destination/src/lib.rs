@@ -32,6 +32,7 @@ mod query;
 mod recall;
 mod sqlite;
 mod validate;
+mod vectors;
 mod words;
 
 pub use error::DestinationError;

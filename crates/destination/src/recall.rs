@@ -156,10 +156,13 @@ impl TopK {
 
     /// Offer one stored vector; ones of another length or zero norm are skipped.
     pub fn offer(&mut self, id: Uuid, v: &[f32]) {
-        if v.len() != self.query.len() {
-            return;
+        if v.len() == self.query.len() {
+            self.offer_normed(id, v, norm(v));
         }
-        let nv = norm(v);
+    }
+
+    /// [`TopK::offer`] of a vector of the query's length whose norm is known.
+    pub fn offer_normed(&mut self, id: Uuid, v: &[f32], nv: f32) {
         if nv == 0.0 || !nv.is_finite() {
             return;
         }

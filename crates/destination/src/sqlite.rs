@@ -13,7 +13,8 @@
 
 use crate::error::classify;
 use crate::query::{fitting, Query};
-use crate::recall::{self, to_le_bytes, Hit, Search, TopK};
+use crate::recall::{self, to_le_bytes, Hit, Search};
+use crate::vectors::{Shelf, VectorIndex};
 use crate::words::{fts5_query, payload_words, query_words};
 use crate::{
     page, screen, Candidates, Destination, DestinationError, Page, Result, StoredEntry,
@@ -106,6 +107,8 @@ pub struct SqliteDestination {
     readers: SqlitePool,
     /// Set once the schema is migrated (at the first successful use).
     migrated: OnceCell<()>,
+    /// Embeddings in memory, per source searched by vector.
+    vectors: VectorIndex,
 }
 
 impl SqliteDestination {
@@ -141,6 +144,7 @@ impl SqliteDestination {
                 .max_connections(readers.unwrap_or(4).max(1))
                 .connect_lazy_with(opts.read_only(true).create_if_missing(false)),
             migrated: OnceCell::new(),
+            vectors: VectorIndex::default(),
         })
     }
 
@@ -198,6 +202,31 @@ impl SqliteDestination {
             tracing::info!(destination = %self.name, version = i + 1, "migrated SQLite schema");
         }
         tx.commit().await.map_err(|e| self.err(e))
+    }
+
+    /// Read every embedding of `source` with `dims` numbers into `shelf`
+    /// (registered already, so rows committed meanwhile are added by their
+    /// writers; see `vectors`).
+    async fn load_shelf(&self, shelf: &mut Shelf, source: &str, dims: usize) -> Result<()> {
+        let mut rows = sqlx::query_as::<_, (String, i64, Option<String>, Vec<u8>)>(
+            "SELECT id, created_at, subject, embedding FROM spool_entries \
+             WHERE source = ? AND length(embedding) = ?",
+        )
+        .bind(source)
+        .bind((dims * 4) as i64)
+        .fetch(&self.readers);
+        let mut v = Vec::with_capacity(dims);
+        while let Some(row) = rows.try_next().await.map_err(|e| self.err(e))? {
+            let (id, at, subject, blob) = row;
+            v.clear();
+            v.extend(
+                blob.chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap())),
+            );
+            shelf.add(self.uuid(&id)?, at, subject.as_deref(), &v, dims);
+        }
+        shelf.loaded = true;
+        Ok(())
     }
 
     fn uuid(&self, id: &str) -> Result<Uuid> {
@@ -267,11 +296,15 @@ async fn index_words(
     Ok(())
 }
 
-/// Insert a batch in one transaction, with its words; answers the rows inserted.
-async fn insert(conn: &mut sqlx::SqliteConnection, batch: &[LoggedEntry]) -> sqlx::Result<u64> {
+/// Insert a batch in one transaction, with its words; answers the LSNs of the
+/// rows inserted (not those already held).
+async fn insert(
+    conn: &mut sqlx::SqliteConnection,
+    batch: &[LoggedEntry],
+) -> sqlx::Result<std::collections::HashSet<u64>> {
     use sqlx::Connection;
     let now = spool_wal::now_us();
-    let mut inserted = 0;
+    let mut inserted = std::collections::HashSet::new();
     let mut tx = conn.begin().await?;
     for chunk in batch.chunks(ROWS_PER_STATEMENT) {
         let mut qb: QueryBuilder<Sqlite> =
@@ -292,7 +325,7 @@ async fn insert(conn: &mut sqlx::SqliteConnection, batch: &[LoggedEntry]) -> sql
         // Rows skipped as conflicts are not returned: only new rows are indexed.
         qb.push(" ON CONFLICT DO NOTHING RETURNING rowid, lsn");
         let new: Vec<(i64, i64)> = qb.build_query_as().fetch_all(&mut *tx).await?;
-        inserted += new.len() as u64;
+        inserted.extend(new.iter().map(|(_, lsn)| *lsn as u64));
         // A batch comes from one WAL: its LSNs are distinct.
         let by_lsn: HashMap<u64, &LoggedEntry> = chunk.iter().map(|le| (le.lsn, le)).collect();
         let words: Vec<(i64, String)> = new
@@ -325,14 +358,18 @@ fn push_filters(qb: &mut QueryBuilder<'_, Sqlite>, s: &Search) {
     }
 }
 
-/// Delete, in one transaction, the rows a tombstone covers and their words.
-async fn delete_forgotten(conn: &mut sqlx::SqliteConnection, t: &Tombstone) -> sqlx::Result<u64> {
+/// Delete, in one transaction, the rows a tombstone covers and their words;
+/// answers their ids.
+async fn delete_forgotten(
+    conn: &mut sqlx::SqliteConnection,
+    t: &Tombstone,
+) -> sqlx::Result<Vec<String>> {
     use sqlx::Connection;
     let mut tx = conn.begin().await?;
-    let mut deleted = 0;
+    let mut deleted = Vec::new();
     loop {
         let mut qb: QueryBuilder<Sqlite> =
-            QueryBuilder::new("SELECT rowid, payload FROM spool_entries WHERE source = ");
+            QueryBuilder::new("SELECT rowid, payload, id FROM spool_entries WHERE source = ");
         qb.push_bind(t.source.as_str()).push(" AND (0");
         if !t.ids.is_empty() {
             qb.push(" OR id IN (");
@@ -350,12 +387,12 @@ async fn delete_forgotten(conn: &mut sqlx::SqliteConnection, t: &Tombstone) -> s
                 .push(")");
         }
         qb.push(") LIMIT ").push_bind(ROWS_PER_STATEMENT as i64);
-        let rows: Vec<(i64, String)> = qb.build_query_as().fetch_all(&mut *tx).await?;
+        let rows: Vec<(i64, String, String)> = qb.build_query_as().fetch_all(&mut *tx).await?;
         if rows.is_empty() {
             break;
         }
         // A contentless index forgets a row only when told its words.
-        for (rowid, payload) in &rows {
+        for (rowid, payload, _) in &rows {
             let words = payload_words(payload.as_bytes());
             if !words.is_empty() {
                 sqlx::query(
@@ -371,11 +408,12 @@ async fn delete_forgotten(conn: &mut sqlx::SqliteConnection, t: &Tombstone) -> s
         let mut qb: QueryBuilder<Sqlite> =
             QueryBuilder::new("DELETE FROM spool_entries WHERE rowid IN (");
         let mut list = qb.separated(", ");
-        for (rowid, _) in &rows {
+        for (rowid, _, _) in &rows {
             list.push_bind(*rowid);
         }
         qb.push(")");
-        deleted += qb.build().execute(&mut *tx).await?.rows_affected();
+        qb.build().execute(&mut *tx).await?;
+        deleted.extend(rows.into_iter().map(|r| r.2));
     }
     tx.commit().await?;
     Ok(deleted)
@@ -395,7 +433,16 @@ impl Destination for SqliteDestination {
         self.ready().await?;
         let mut conn = self.writer.acquire().await.map_err(|e| self.err(e))?;
         match insert(&mut conn, batch).await {
-            Ok(inserted) => Ok(batch.len() as u64 - inserted.min(batch.len() as u64)),
+            Ok(inserted) => {
+                drop(conn);
+                let written: Vec<&Entry> = batch
+                    .iter()
+                    .filter(|le| inserted.contains(&le.lsn))
+                    .map(|le| &le.entry)
+                    .collect();
+                self.vectors.added(&written).await;
+                Ok(batch.len() as u64 - (inserted.len() as u64).min(batch.len() as u64))
+            }
             Err(e) => {
                 let e = self.err(e);
                 if !e.is_rejection() {
@@ -514,28 +561,14 @@ impl Destination for SqliteDestination {
         }
         let mut vector = Vec::new();
         if let Some(v) = &s.embedding {
-            let mut top = TopK::new(v, n);
-            let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
-                "SELECT id, embedding FROM spool_entries WHERE embedding IS NOT NULL AND source = ",
-            );
-            qb.push_bind(s.source.as_str());
-            push_filters(&mut qb, s);
-            let mut rows = qb
-                .build_query_as::<(String, Vec<u8>)>()
-                .fetch(&self.readers);
-            let mut buf = Vec::with_capacity(v.len());
-            while let Some((id, blob)) = rows.try_next().await.map_err(|e| self.err(e))? {
-                if blob.len() != v.len() * 4 {
-                    continue;
+            let shelf = self.vectors.shelf(&s.source, v.len());
+            if !shelf.read().await.loaded {
+                let mut sh = shelf.write().await;
+                if !sh.loaded {
+                    self.load_shelf(&mut sh, &s.source, v.len()).await?;
                 }
-                buf.clear();
-                buf.extend(
-                    blob.chunks_exact(4)
-                        .map(|c| f32::from_le_bytes(c.try_into().unwrap())),
-                );
-                top.offer(self.uuid(&id)?, &buf);
             }
-            vector = top.into_sorted();
+            vector = shelf.read().await.search(s, v, n);
         }
         let fused = recall::fuse(&text, &vector, s.k);
         if fused.is_empty() {
@@ -560,10 +593,17 @@ impl Destination for SqliteDestination {
     async fn forget(&self, t: &Tombstone) -> Result<u64> {
         self.ready().await?;
         let mut conn = self.writer.acquire().await.map_err(|e| self.err(e))?;
-        delete_forgotten(&mut conn, t).await.map_err(|e| {
+        let ids = delete_forgotten(&mut conn, t).await.map_err(|e| {
             conn.close_on_drop();
             self.err(e)
-        })
+        })?;
+        drop(conn);
+        let ids: Vec<Uuid> = ids
+            .iter()
+            .filter_map(|id| Uuid::try_parse(id).ok())
+            .collect();
+        self.vectors.removed(&t.source, &ids).await;
+        Ok(ids.len() as u64)
     }
 
     /// Migrated, the table there, and writable: takes the write lock (waiting up

@@ -178,6 +178,37 @@ pub async fn search_ranks_by_vector_text_and_both(d: Dest) {
     recent.since_us = Some(250);
     assert_eq!(ids(&d.search(&recent).await.unwrap()), vec![z.entry.id]);
 
+    // Written and forgotten after the first vector search: found, then not.
+    let fresh = with_embedding(
+        logged(7, "agents", None, r#"{"t":"fresh"}"#, 600),
+        &[0.0, 0.0, 1.0],
+    );
+    d.write_batch(std::slice::from_ref(&fresh)).await.unwrap();
+    let near = d
+        .search(&search(None, Some(&[0.0, 0.0, 1.0]), 1))
+        .await
+        .unwrap();
+    assert_eq!(ids(&near), vec![fresh.entry.id]);
+    d.forget(&tombstone("agents", vec![fresh.entry.id], None, 0))
+        .await
+        .unwrap();
+    let near = d
+        .search(&search(None, Some(&[0.0, 0.0, 1.0]), 1))
+        .await
+        .unwrap();
+    assert_ne!(
+        ids(&near),
+        vec![fresh.entry.id],
+        "a forgotten vector is still found"
+    );
+    // A redelivery of a stored row adds nothing (still one hit for x).
+    d.write_batch(std::slice::from_ref(&x)).await.unwrap();
+    let xs = d
+        .search(&search(None, Some(&[1.0, 0.0, 0.0]), 10))
+        .await
+        .unwrap();
+    assert_eq!(ids(&xs).iter().filter(|id| **id == x.entry.id).count(), 1);
+
     for bad in [
         search(None, None, 10),
         search(Some("  "), None, 10),
