@@ -87,20 +87,24 @@ impl Shelf {
     }
 }
 
+/// (source, dims) → its shelf.
+type Shelves = HashMap<(String, usize), SharedShelf>;
+type SharedShelf = Arc<RwLock<Shelf>>;
+
 /// Every loaded shelf, by (source, dims).
 #[derive(Default)]
 pub(crate) struct VectorIndex {
-    shelves: Mutex<HashMap<(String, usize), Arc<RwLock<Shelf>>>>,
+    shelves: Mutex<Shelves>,
 }
 
 impl VectorIndex {
     /// The shelf of (source, dims), registered (empty, not loaded) if new.
-    pub fn shelf(&self, source: &str, dims: usize) -> Arc<RwLock<Shelf>> {
+    pub fn shelf(&self, source: &str, dims: usize) -> SharedShelf {
         let mut all = self.shelves.lock().unwrap_or_else(|p| p.into_inner());
         all.entry((source.to_owned(), dims)).or_default().clone()
     }
 
-    fn registered(&self, source: Option<&str>) -> Vec<((String, usize), Arc<RwLock<Shelf>>)> {
+    fn registered(&self, source: Option<&str>) -> Vec<((String, usize), SharedShelf)> {
         let all = self.shelves.lock().unwrap_or_else(|p| p.into_inner());
         all.iter()
             .filter(|((src, _), _)| source.is_none_or(|s| s == src))
