@@ -457,6 +457,16 @@ fn readme_curl_examples_work() {
     };
     for cmd in &commands {
         let cmd = cmd.replace("localhost:7070", &format!("127.0.0.1:{}", s.port));
+        if cmd.contains("/search") {
+            let v = run(&cmd);
+            assert!(v["hits"].as_array().is_some_and(|h| !h.is_empty()), "{cmd}: {v}");
+            continue;
+        }
+        if cmd.contains("/forget") {
+            let v = run(&cmd);
+            assert!(v["deleted"].as_u64().is_some_and(|n| n >= 1), "{cmd}: {v}");
+            continue;
+        }
         let v = if cmd.contains("-X POST") {
             run(&cmd)
         } else {
