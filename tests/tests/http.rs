@@ -459,7 +459,10 @@ fn readme_curl_examples_work() {
         let cmd = cmd.replace("localhost:7070", &format!("127.0.0.1:{}", s.port));
         if cmd.contains("/search") {
             let v = run(&cmd);
-            assert!(v["hits"].as_array().is_some_and(|h| !h.is_empty()), "{cmd}: {v}");
+            assert!(
+                v["hits"].as_array().is_some_and(|h| !h.is_empty()),
+                "{cmd}: {v}"
+            );
             continue;
         }
         if cmd.contains("/forget") {
