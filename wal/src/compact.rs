@@ -89,7 +89,7 @@ impl Wal {
                 };
                 if f.kind == Kind::Entry && !st.tracked.contains_key(&f.lsn) {
                     let e = format::decode_entry_ref(f.body).map_err(|e| corrupt(pos, e.0))?;
-                    if st.forgets(e.source, e.id, e.subject, e.accepted_at_us) {
+                    if st.forgets(f.lsn, e.source, e.id, e.subject, e.accepted_at_us) {
                         targets.push((pos, f.body.len()));
                     }
                 }
@@ -125,10 +125,19 @@ impl Wal {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(fail(&tmp, e)),
         }
+        // Its age is the segment's (retention counts from its last write).
+        let modified = std::fs::metadata(&seg.path)
+            .and_then(|m| m.modified())
+            .map_err(|e| fail(&seg.path, e))?;
         let f = io.create_new(&tmp).map_err(|e| fail(&tmp, e))?;
         f.write_all_at(buf, 0).map_err(|e| fail(&tmp, e))?;
         f.sync_data().map_err(|e| fail(&tmp, e))?;
         drop(f);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&tmp)
+            .and_then(|f| f.set_modified(modified))
+            .map_err(|e| fail(&tmp, e))?;
         io.rename(&tmp, &seg.path).map_err(|e| fail(&seg.path, e))?;
         io.sync_dir(dir).map_err(|e| fail(dir, e))
     }

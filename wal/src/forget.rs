@@ -9,7 +9,7 @@
 //! checkpoint, its segment kept — for as long as an older segment may still hold
 //! an entry it forgot.
 
-use crate::entry::{Entry, MAX_NAME_LEN};
+use crate::entry::{LoggedEntry, MAX_NAME_LEN};
 use crate::error::{Result, WalError};
 use crate::format::{self, Kind, Tombstone};
 use crate::wal::Wal;
@@ -47,28 +47,36 @@ impl Wal {
     }
 
     /// Whether a retained tombstone forgets this entry (replay skips it).
-    pub fn forgets(&self, e: &Entry) -> bool {
-        self.shared
-            .state()
-            .forgets(&e.source, e.id, e.subject.as_deref(), e.accepted_at_us)
+    pub fn forgets(&self, le: &LoggedEntry) -> bool {
+        let e = &le.entry;
+        self.shared.state().forgets(
+            le.lsn,
+            &e.source,
+            e.id,
+            e.subject.as_deref(),
+            e.accepted_at_us,
+        )
     }
 
     /// Of these entries, the ids a retained tombstone forgets.
-    pub fn forgotten_among<'a>(&self, entries: impl IntoIterator<Item = &'a Entry>) -> Vec<Uuid> {
+    pub fn forgotten_among<'a>(
+        &self,
+        entries: impl IntoIterator<Item = &'a LoggedEntry>,
+    ) -> Vec<Uuid> {
         let st = self.shared.state();
         entries
             .into_iter()
-            .filter(|e| st.forgets(&e.source, e.id, e.subject.as_deref(), e.accepted_at_us))
-            .map(|e| e.id)
-            .collect()
-    }
-
-    /// Tombstones whose delete the destination has not applied yet, oldest first.
-    pub fn pending_tombstones(&self) -> Vec<(u64, Arc<Tombstone>)> {
-        self.tombstones()
-            .into_iter()
-            .filter(|(_, _, applied)| !applied)
-            .map(|(l, t, _)| (l, t))
+            .filter(|le| {
+                let e = &le.entry;
+                st.forgets(
+                    le.lsn,
+                    &e.source,
+                    e.id,
+                    e.subject.as_deref(),
+                    e.accepted_at_us,
+                )
+            })
+            .map(|le| le.entry.id)
             .collect()
     }
 
@@ -82,8 +90,17 @@ impl Wal {
             .collect()
     }
 
-    /// Whether a retained tombstone forgot `id` (by id) in `source`.
-    pub fn forgot_id(&self, source: &str, id: Uuid) -> bool {
+    /// Tombstones whose delete the destination has not applied yet, oldest first.
+    pub fn pending_tombstones(&self) -> Vec<(u64, Arc<Tombstone>)> {
+        self.tombstones()
+            .into_iter()
+            .filter(|(_, _, applied)| !applied)
+            .map(|(l, t, _)| (l, t))
+            .collect()
+    }
+
+    /// The LSN of a retained tombstone that forgot `id` (by id) in `source`.
+    pub fn forgot_id(&self, source: &str, id: Uuid) -> Option<u64> {
         self.shared.state().forgot_id(source, id)
     }
 }

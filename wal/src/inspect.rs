@@ -206,6 +206,7 @@ pub fn inspect(dir: impl AsRef<Path>, from: u64, limit: usize) -> Result<Vec<Rec
                     Some(Tracked::Dead { .. }) => "failed",
                     None if st.purged.contains(&lsn) => "purged",
                     None if st.forgets(
+                        lsn,
                         e.source.as_str(),
                         e.id,
                         e.subject.as_deref(),

@@ -106,9 +106,15 @@ impl Wal {
             answers.insert(lsn, answer);
         }
         let st = self.shared.state();
-        for answer in answers.values_mut() {
+        for (lsn, answer) in answers.iter_mut() {
             if let ReadBack::Entry(e) = answer {
-                if st.forgets(&e.source, e.id, e.subject.as_deref(), e.accepted_at_us) {
+                if st.forgets(
+                    *lsn,
+                    &e.source,
+                    e.id,
+                    e.subject.as_deref(),
+                    e.accepted_at_us,
+                ) {
                     *answer = ReadBack::Forgotten;
                 }
             }

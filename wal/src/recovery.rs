@@ -303,6 +303,14 @@ fn load_checkpoint_entries(
                 continue;
             }
             let res = match frame {
+                // Erased by `spool wal compact` after this checkpoint was
+                // written: compaction erases only entries that had ended
+                // (delivered, then forgotten), so it is not pending.
+                FrameParse::Ok(f)
+                    if f.lsn == lsn && f.kind == Kind::Erased && kind == Kind::Entry =>
+                {
+                    Ok(())
+                }
                 FrameParse::Ok(f) if f.lsn == lsn && f.kind == kind => match listed {
                     Listed::Entry(status) => state.insert_entry(lsn, off, f.body, status),
                     Listed::Tombstone { delivered } => {

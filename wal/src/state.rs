@@ -96,10 +96,11 @@ pub(crate) struct State {
     pub purged: BTreeSet<u64>,
     /// Retained TOMBSTONE records by LSN.
     pub tombstones: BTreeMap<u64, TombMeta>,
-    /// Of the retained tombstones: ids forgotten, with their source.
-    forgotten_ids: FxHashMap<Uuid, Arc<str>>,
-    /// Of the retained tombstones: per source, subjects forgotten up to an accept time (µs).
-    forgotten_subjects: FxHashMap<Arc<str>, FxHashMap<Box<str>, i64>>,
+    /// Of the retained tombstones: ids forgotten, each with (source, tombstone LSN).
+    forgotten_ids: FxHashMap<Uuid, Vec<(Arc<str>, u64)>>,
+    /// Of the retained tombstones: per source and subject, (accept time up to
+    /// which, tombstone LSN).
+    forgotten_subjects: FxHashMap<Arc<str>, FxHashMap<Box<str>, Vec<(i64, u64)>>>,
 }
 
 impl State {
@@ -332,7 +333,7 @@ impl State {
                 self.totals.forgotten += 1;
             }
         }
-        self.index_forgotten(&t);
+        self.index_forgotten(lsn, &t);
         if let Some(first) = self.segment_of(lsn) {
             let seg = self
                 .segments
@@ -360,32 +361,34 @@ impl State {
         Ok(())
     }
 
-    fn index_forgotten(&mut self, t: &Tombstone) {
+    fn index_forgotten(&mut self, lsn: u64, t: &Tombstone) {
         let source = self.intern(&t.source);
         for id in &t.ids {
-            self.forgotten_ids.insert(*id, source.clone());
+            self.forgotten_ids
+                .entry(*id)
+                .or_default()
+                .push((source.clone(), lsn));
         }
         if let Some(subject) = &t.subject {
-            let upto = self
-                .forgotten_subjects
+            self.forgotten_subjects
                 .entry(source)
                 .or_default()
                 .entry(subject.as_str().into())
-                .or_insert(i64::MIN);
-            *upto = (*upto).max(t.at_us);
+                .or_default()
+                .push((t.at_us, lsn));
         }
     }
 
     fn rebuild_forgotten(&mut self) {
         self.forgotten_ids.clear();
         self.forgotten_subjects.clear();
-        let all: Vec<Arc<Tombstone>> = self
+        let all: Vec<(u64, Arc<Tombstone>)> = self
             .tombstones
-            .values()
-            .map(|m| m.tombstone.clone())
+            .iter()
+            .map(|(l, m)| (*l, m.tombstone.clone()))
             .collect();
-        for t in all {
-            self.index_forgotten(&t);
+        for (lsn, t) in all {
+            self.index_forgotten(lsn, &t);
         }
     }
 
@@ -400,26 +403,38 @@ impl State {
         }
     }
 
-    /// Whether a retained tombstone forgets this entry.
+    /// Whether a retained tombstone forgets the entry at `lsn`: one written
+    /// after it (in log order) that names its id, or its subject with an accept
+    /// time at or after the entry's.
     pub fn forgets(
         &self,
+        lsn: u64,
         source: &str,
         id: Uuid,
         subject: Option<&str>,
         accepted_at_us: i64,
     ) -> bool {
-        self.forgotten_ids.get(&id).is_some_and(|s| **s == *source)
+        self.forgotten_ids
+            .get(&id)
+            .is_some_and(|v| v.iter().any(|(s, t)| **s == *source && lsn < *t))
             || subject.is_some_and(|subject| {
                 self.forgotten_subjects
                     .get(source)
                     .and_then(|m| m.get(subject))
-                    .is_some_and(|upto| accepted_at_us <= *upto)
+                    .is_some_and(|v| {
+                        v.iter()
+                            .any(|(upto, t)| accepted_at_us <= *upto && lsn < *t)
+                    })
             })
     }
 
-    /// Whether `id` was forgotten (by id) in `source`.
-    pub fn forgot_id(&self, source: &str, id: Uuid) -> bool {
-        self.forgotten_ids.get(&id).is_some_and(|s| **s == *source)
+    /// The LSN of a retained tombstone that forgot `id` (by id) in `source`.
+    pub fn forgot_id(&self, source: &str, id: Uuid) -> Option<u64> {
+        self.forgotten_ids
+            .get(&id)?
+            .iter()
+            .find(|(s, _)| **s == *source)
+            .map(|(_, t)| *t)
     }
 
     /// Drop the segment starting at `first` (retention deleted it) with the

@@ -466,6 +466,15 @@ impl Wal {
         })
     }
 
+    /// The source of a tracked (pending or dead) entry, by LSN.
+    pub fn source_of(&self, lsn: u64) -> Option<Arc<str>> {
+        self.shared
+            .state()
+            .tracked
+            .get(&lsn)
+            .map(|m| m.source.clone())
+    }
+
     /// Dead letters, oldest first, optionally of one source, at most `limit`.
     pub fn dead_letters(&self, source: Option<&str>, limit: usize) -> Vec<DeadLetter> {
         let st = self.shared.state();

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use spool_wal::{Entry, ReadBack, Tombstone, Wal, WalConfig};
+use spool_wal::{Entry, LoggedEntry, ReadBack, Tombstone, Wal, WalConfig};
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -31,6 +31,13 @@ fn with_subject(n: u64, subject: &str) -> Entry {
     e
 }
 
+fn at(lsn: u64, e: &Entry) -> LoggedEntry {
+    LoggedEntry {
+        lsn,
+        entry: e.clone(),
+    }
+}
+
 fn read_one(wal: &Wal, lsn: u64) -> ReadBack {
     wal.read_queued(&[lsn]).pop().unwrap().1
 }
@@ -52,8 +59,9 @@ async fn a_pending_entry_forgotten_by_id_is_never_read_for_delivery_after_a_rest
 
     let wal = Wal::open(dir.path(), WalConfig::default()).unwrap();
     assert_eq!(pending_ns(&wal), vec![2], "the forgotten entry came back");
-    assert!(wal.forgets(&a) && !wal.forgets(&b));
-    assert!(wal.forgot_id("agents", a.id) && !wal.forgot_id("other", a.id));
+    assert!(wal.forgets(&at(lsns[0], &a)) && !wal.forgets(&at(lsns[1], &b)));
+    assert_eq!(wal.forgot_id("agents", a.id), Some(t));
+    assert_eq!(wal.forgot_id("other", a.id), None);
     assert_eq!(wal.pending_tombstones()[0].0, t);
     wal.mark_delivered(&[t]).await.unwrap();
     assert!(wal.pending_tombstones().is_empty());
@@ -69,7 +77,14 @@ async fn an_id_of_another_source_is_not_forgotten() {
     t.source = "intruder".into();
     wal.forget(&t).await.unwrap();
     assert!(matches!(read_one(&wal, l), ReadBack::Entry(_)));
-    assert!(!wal.forgets(&a));
+    assert!(!wal.forgets(&at(l, &a)));
+    // Forgotten by its own source, then named by another: still forgotten.
+    wal.forget(&by_ids(&[a.id])).await.unwrap();
+    wal.forget(&t).await.unwrap();
+    assert!(
+        wal.forgets(&at(l, &a)),
+        "another source's tombstone cancelled a forget"
+    );
 }
 
 #[tokio::test]
@@ -83,13 +98,22 @@ async fn a_subject_forgets_what_was_accepted_before_it_not_after() {
     let mut after = with_subject(3, "alice");
     after.accepted_at_us = spool_wal::now_us() + 1;
     let l3 = wal.append(std::slice::from_ref(&after)).await.unwrap()[0];
+    // Stamped before the forget but written after it (a slow request): not
+    // covered — it was acknowledged after the forget was.
+    let mut raced = with_subject(4, "alice");
+    raced.accepted_at_us = 0;
+    let l4 = wal.append(std::slice::from_ref(&raced)).await.unwrap()[0];
     assert!(matches!(read_one(&wal, lsns[0]), ReadBack::Forgotten));
     assert!(matches!(read_one(&wal, lsns[1]), ReadBack::Entry(_)));
     assert!(matches!(read_one(&wal, l3), ReadBack::Entry(_)));
-    assert_eq!(
-        wal.forgotten_among([&before, &other, &after]),
-        vec![before.id]
-    );
+    assert!(matches!(read_one(&wal, l4), ReadBack::Entry(_)));
+    let all = [
+        at(lsns[0], &before),
+        at(lsns[1], &other),
+        at(l3, &after),
+        at(l4, &raced),
+    ];
+    assert_eq!(wal.forgotten_among(all.iter()), vec![before.id]);
 }
 
 #[tokio::test]
@@ -101,7 +125,7 @@ async fn tombstones_are_carried_by_checkpoints_across_rotations() {
     };
     let wal = Wal::open(dir.path(), cfg()).unwrap();
     let a = with_subject(1, "alice");
-    wal.append(std::slice::from_ref(&a)).await.unwrap();
+    let la = wal.append(std::slice::from_ref(&a)).await.unwrap()[0];
     let t = wal.forget(&by_subject("alice")).await.unwrap();
     for _ in 0..3 {
         wal.rotate().await.unwrap();
@@ -113,7 +137,10 @@ async fn tombstones_are_carried_by_checkpoints_across_rotations() {
     // Recovery starts at the newest checkpoint and reads the tombstone at its offset.
     let wal = Wal::open(dir.path(), cfg()).unwrap();
     assert!(wal.recovery_report().checkpoint_lsn.is_some());
-    assert!(wal.forgets(&a), "the tombstone was lost by the checkpoint");
+    assert!(
+        wal.forgets(&at(la, &a)),
+        "the tombstone was lost by the checkpoint"
+    );
     assert!(wal.pending_tombstones().is_empty(), "its delivery was lost");
 }
 
@@ -145,13 +172,16 @@ async fn retention_keeps_a_tombstone_while_an_older_segment_holds_what_it_forgot
     wal.close();
     drop(wal);
     let wal = Wal::open(dir.path(), cfg()).unwrap();
-    assert!(wal.forgets(&forgotten));
+    assert!(wal.forgets(&at(f, &forgotten)));
     // Once the dead letter is purged, the oldest segment goes, then the tombstone's.
     wal.purge(&[dead]).await.unwrap();
     wal.rotate().await.unwrap();
     wal.run_retention().await.unwrap();
     assert_eq!(segments(dir.path()).len(), 1);
-    assert!(!wal.forgets(&forgotten), "a retired tombstone is dropped");
+    assert!(
+        !wal.forgets(&at(f, &forgotten)),
+        "a retired tombstone is dropped"
+    );
 }
 
 #[tokio::test]
@@ -233,7 +263,7 @@ async fn compaction_erases_forgotten_payloads_from_sealed_segments_only() {
 
     assert!(spool_wal::inspect::verify(dir.path()).unwrap().is_ok());
     let wal = Wal::open(dir.path(), cfg()).unwrap();
-    assert!(wal.forgets(&gone) && !wal.forgets(&kept));
+    assert!(wal.forgets(&at(lsns[0], &gone)) && !wal.forgets(&at(lsns[1], &kept)));
     assert_eq!(wal.status().pending, 1, "only the late entry is pending");
     drop(wal);
     let records = spool_wal::inspect::inspect(dir.path(), 0, 100).unwrap();
@@ -244,4 +274,29 @@ async fn compaction_erases_forgotten_payloads_from_sealed_segments_only() {
             .count(),
         2
     );
+}
+
+/// A checkpoint written while an entry was pending names its offset; once it
+/// is delivered, forgotten and erased by compaction, recovery from that
+/// checkpoint must not take the ERASED frame for corruption.
+#[tokio::test]
+async fn recovery_from_a_checkpoint_naming_an_erased_entry_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = || WalConfig {
+        retention: Duration::from_secs(3600),
+        ..small(4096)
+    };
+    let wal = Wal::open(dir.path(), cfg()).unwrap();
+    let e = with_subject(1, "alice");
+    let l = wal.append(std::slice::from_ref(&e)).await.unwrap()[0];
+    wal.rotate().await.unwrap(); // the new segment's checkpoint lists it as pending
+                                 // Delivered and forgotten in the active segment: no newer checkpoint.
+    wal.mark_delivered(&[l]).await.unwrap();
+    wal.forget(&by_ids(&[e.id])).await.unwrap();
+    assert_eq!(wal.compact().unwrap().entries_erased, 1);
+    wal.close();
+    drop(wal);
+    let wal = Wal::open(dir.path(), cfg()).expect("recovery refused an erased entry");
+    assert_eq!(wal.status().pending, 0);
+    assert!(wal.forgets(&at(l, &e)));
 }

@@ -86,6 +86,18 @@ pub trait Destination: Send + Sync + 'static {
     /// One entry of `source` by id.
     async fn get(&self, source: &str, id: Uuid) -> Result<Option<StoredEntry>>;
 
+    /// Which of `ids` are stored for `source` (one query in the real
+    /// destinations; this default asks one by one).
+    async fn known(&self, source: &str, ids: &[Uuid]) -> Result<Vec<Uuid>> {
+        let mut found = Vec::new();
+        for id in ids {
+            if self.get(source, *id).await?.is_some() {
+                found.push(*id);
+            }
+        }
+        Ok(found)
+    }
+
     /// A page of one source's entries, newest first.
     async fn query(&self, q: &Query) -> Result<Page>;
 

@@ -419,6 +419,16 @@ impl Destination for PostgresDestination {
         Ok(row.map(|r| self.row(&r)))
     }
 
+    async fn known(&self, source: &str, ids: &[Uuid]) -> Result<Vec<Uuid>> {
+        self.run(
+            sqlx::query_scalar("SELECT id FROM spool_entries WHERE source = $1 AND id = ANY($2)")
+                .bind(source)
+                .bind(ids)
+                .fetch_all(&self.pool),
+        )
+        .await
+    }
+
     async fn query(&self, q: &Query) -> Result<Page> {
         let (limit, cursor) = q.checked()?;
         let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(

@@ -468,6 +468,30 @@ impl Destination for SqliteDestination {
         row.map(|r| self.row(&r)).transpose()
     }
 
+    async fn known(&self, source: &str, ids: &[Uuid]) -> Result<Vec<Uuid>> {
+        self.ready().await?;
+        let mut found = Vec::new();
+        for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+            let mut qb: QueryBuilder<Sqlite> =
+                QueryBuilder::new("SELECT id FROM spool_entries WHERE source = ");
+            qb.push_bind(source).push(" AND id IN (");
+            let mut list = qb.separated(", ");
+            for id in chunk {
+                list.push_bind(id.hyphenated().to_string());
+            }
+            qb.push(")");
+            let rows: Vec<String> = qb
+                .build_query_scalar()
+                .fetch_all(&self.readers)
+                .await
+                .map_err(|e| self.err(e))?;
+            for id in rows {
+                found.push(self.uuid(&id)?);
+            }
+        }
+        Ok(found)
+    }
+
     async fn query(&self, q: &Query) -> Result<Page> {
         let (limit, cursor) = q.checked()?;
         self.ready().await?;

@@ -248,7 +248,7 @@ impl Engine {
         id: Uuid,
     ) -> Result<Option<Found>, DestinationError> {
         // Forgotten: gone, even before the destination has applied the delete.
-        if self.inner.wal.forgot_id(source, id) {
+        if self.inner.wal.forgot_id(source, id).is_some() {
             return Ok(None);
         }
         if let Some(st) = self.inner.wal.lookup(id) {

@@ -26,11 +26,8 @@ enum Plan {
 }
 
 impl Inner {
-    pub(crate) async fn ingest(
-        self: Arc<Self>,
-        entries: Vec<Entry>,
-        track: bool,
-    ) -> Result<Receipt, IngestError> {
+    /// Open for writes: not shutting down, disk above `min_free_bytes`.
+    pub(crate) fn writable(&self) -> Result<(), IngestError> {
         if self.closed.load(Ordering::SeqCst) {
             return Err(IngestError::Closed);
         }
@@ -40,6 +37,15 @@ impl Inner {
                 min: self.cfg.min_free_bytes,
             });
         }
+        Ok(())
+    }
+
+    pub(crate) async fn ingest(
+        self: Arc<Self>,
+        entries: Vec<Entry>,
+        track: bool,
+    ) -> Result<Receipt, IngestError> {
+        self.writable()?;
         if let Some(e) = entries
             .iter()
             .find(|e| !self.lanes.contains_key(&e.destination))

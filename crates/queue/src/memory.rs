@@ -14,7 +14,7 @@ use crate::lane::Lane;
 use crate::{IngestError, Outcome, FORGOTTEN};
 use spool_destination::{DestinationError, Hit, Search, Tombstone};
 use spool_wal::{now_us, LoggedEntry};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 use uuid::Uuid;
@@ -64,9 +64,7 @@ impl Engine {
         what: Forget,
     ) -> Result<Forgotten, ForgetError> {
         let inner = &self.inner;
-        if self.is_closed() {
-            return Err(IngestError::Closed.into());
-        }
+        inner.writable()?;
         let lane = inner
             .lanes
             .get(destination)
@@ -74,16 +72,28 @@ impl Engine {
         let (ids, subject, unknown) = match what {
             Forget::Subject(s) => (Vec::new(), Some(s), Vec::new()),
             Forget::Ids(ids) => {
-                let mut known = Vec::new();
-                let mut unknown = Vec::new();
-                for id in dedup(ids) {
-                    if self.seen(source, lane, id).await {
-                        known.push(id);
-                    } else {
-                        unknown.push(id);
-                    }
-                }
+                let ids = dedup(ids);
+                // Forgotten already: nothing new to write for those.
+                let done: Vec<u64> = ids
+                    .iter()
+                    .filter_map(|id| inner.wal.forgot_id(source, *id))
+                    .collect();
+                let open: Vec<Uuid> = ids
+                    .iter()
+                    .copied()
+                    .filter(|id| inner.wal.forgot_id(source, *id).is_none())
+                    .collect();
+                let (known, unknown) = self.seen(source, lane, open).await;
                 if known.is_empty() {
+                    if let Some(&lsn) = done.iter().max() {
+                        let pending = inner.wal.pending_tombstones();
+                        return Ok(Forgotten {
+                            lsn,
+                            unknown,
+                            applied: !done.iter().any(|l| pending.iter().any(|p| p.0 == *l)),
+                            deleted: 0,
+                        });
+                    }
                     return Err(ForgetError::NotFound);
                 }
                 (known, None, unknown)
@@ -97,7 +107,11 @@ impl Engine {
             subject,
         };
         let lsn = inner.wal.forget(&t).await.map_err(IngestError::Wal)?;
-        let applied = inner.apply_tombstone(lane, lsn, &t).await;
+        // While the destination is down, the tombstone task applies it later.
+        let applied = match lane.down_reason() {
+            None => inner.apply_tombstone(lane, lsn, &t, false).await,
+            Some(_) => None,
+        };
         inner.tombstones.notify_one();
         Ok(Forgotten {
             lsn,
@@ -107,17 +121,39 @@ impl Engine {
         })
     }
 
-    /// Whether `id` was ever accepted for `source`: pending or dead in the WAL,
-    /// forgotten already, or in the destination. A destination that cannot be
-    /// asked counts as "maybe": the id is forgotten anyway.
-    async fn seen(&self, source: &str, lane: &Lane, id: Uuid) -> bool {
-        if self.inner.wal.forgot_id(source, id) {
-            return true;
+    /// Which of `ids` were ever accepted for `source`: pending or dead in the
+    /// WAL, or in the destination (one query). A destination that cannot be
+    /// asked (down, or failing) counts as "maybe": they are forgotten anyway.
+    /// Answers (known, never seen).
+    async fn seen(&self, source: &str, lane: &Lane, ids: Vec<Uuid>) -> (Vec<Uuid>, Vec<Uuid>) {
+        let wal = &self.inner.wal;
+        let (mut known, ask): (Vec<Uuid>, Vec<Uuid>) = ids.into_iter().partition(|id| {
+            wal.lookup(*id)
+                .is_some_and(|st| wal.source_of(st.lsn).as_deref() == Some(source))
+        });
+        if ask.is_empty() {
+            return (known, Vec::new());
         }
-        match self.get(source, &lane.name, id).await {
-            Ok(found) => found.is_some(),
-            Err(_) => true,
+        let stored = match lane.down_reason() {
+            Some(_) => None,
+            None => lane.dest.known(source, &ask).await.ok(),
+        };
+        match stored {
+            None => {
+                known.extend(ask);
+                (known, Vec::new())
+            }
+            Some(stored) => {
+                let (found, unknown) = ask.into_iter().partition(|id| stored.contains(id));
+                known.extend::<Vec<Uuid>>(found);
+                (known, unknown)
+            }
         }
+    }
+
+    /// Whether `id` of `source` was forgotten (by id).
+    pub fn is_forgotten(&self, source: &str, id: Uuid) -> bool {
+        self.inner.wal.forgot_id(source, id).is_some()
     }
 
     /// Recall: `source`'s delivered entries in `destination` ranked by text,
@@ -141,13 +177,22 @@ fn dedup(mut ids: Vec<Uuid>) -> Vec<Uuid> {
 }
 
 impl Inner {
-    /// Apply a tombstone's delete and record it done. `Some(rows)` once applied.
-    async fn apply_tombstone(&self, lane: &Lane, lsn: u64, t: &Tombstone) -> Option<u64> {
+    /// Apply a tombstone's delete and (unless `applied` already) record it
+    /// done. `Some(rows)` once applied.
+    async fn apply_tombstone(
+        &self,
+        lane: &Lane,
+        lsn: u64,
+        t: &Tombstone,
+        applied: bool,
+    ) -> Option<u64> {
         match lane.dest.forget(t).await {
             Ok(rows) => {
-                if let Err(e) = self.wal.mark_delivered(&[lsn]).await {
-                    // Applied again after a restart: deleting twice is harmless.
-                    tracing::warn!(lsn, error = %e, "could not record a tombstone as applied");
+                if !applied {
+                    if let Err(e) = self.wal.mark_delivered(&[lsn]).await {
+                        // Applied again at the next start: deleting twice is harmless.
+                        tracing::warn!(lsn, error = %e, "could not record a tombstone as applied");
+                    }
                 }
                 Some(rows)
             }
@@ -159,20 +204,40 @@ impl Inner {
     }
 
     /// Apply every pending tombstone, retrying with backoff while a destination
-    /// cannot take it; woken by each forget.
+    /// cannot take it; woken by each forget. At start it applies every retained
+    /// tombstone once more, applied or not: a row a worker committed just after
+    /// a forget's delete ran, whose own late tombstone a crash kept from the
+    /// WAL, goes then.
     pub(crate) async fn tombstone_task(self: Arc<Self>) {
+        let mut again: BTreeSet<u64> = self
+            .wal
+            .tombstones()
+            .into_iter()
+            .filter(|t| t.2)
+            .map(|t| t.0)
+            .collect();
         let mut retry = self.backoff();
         loop {
             let mut behind = false;
-            for (lsn, t) in self.wal.pending_tombstones() {
+            for (lsn, t, applied) in self.wal.tombstones() {
                 if self.stop_background.is_cancelled() {
                     return;
+                }
+                if applied && !again.contains(&lsn) {
+                    continue;
                 }
                 // A tombstone for a destination no longer configured stays pending.
                 let Some(lane) = self.lanes.get(&t.destination) else {
                     continue;
                 };
-                behind |= self.apply_tombstone(lane, lsn, &t).await.is_none();
+                if lane.down_reason().is_some() {
+                    behind = true;
+                    continue;
+                }
+                match self.apply_tombstone(lane, lsn, &t, applied).await {
+                    Some(_) => drop(again.remove(&lsn)),
+                    None => behind = true,
+                }
             }
             let wait = if behind {
                 retry.next()
@@ -204,7 +269,7 @@ impl Inner {
 
     /// Take the entries a tombstone covers out of a batch about to be written.
     pub(crate) async fn drop_forgotten(&self, lane: &Lane, batch: &mut Vec<LoggedEntry>) {
-        let gone = self.wal.forgotten_among(batch.iter().map(|le| &le.entry));
+        let gone = self.wal.forgotten_among(batch.iter());
         if gone.is_empty() {
             return;
         }
@@ -221,7 +286,7 @@ impl Inner {
     /// came while the write was in flight) get a tombstone of their own, so
     /// the rows just written go too.
     pub(crate) async fn forget_late(&self, lane: &Lane, batch: &[LoggedEntry]) {
-        let late = self.wal.forgotten_among(batch.iter().map(|le| &le.entry));
+        let late = self.wal.forgotten_among(batch.iter());
         if late.is_empty() {
             return;
         }

@@ -259,12 +259,14 @@ pub async fn replay(cfg: &Config, r: Replay) -> Out {
             purged += 1;
             continue;
         }
-        if wal.forgets(&entry) {
+        let le = spool_wal::LoggedEntry { lsn, entry };
+        if wal.forgets(&le) {
             // Forgotten by its producer: never delivered again (its tombstones
             // are applied below, for copies the destination may still hold).
             forgotten += 1;
             continue;
         }
+        let entry = &le.entry;
         let wanted_source = match &r.source {
             Some(s) => &entry.source == s,
             None => entry.destination == r.destination,
@@ -284,7 +286,7 @@ pub async fn replay(cfg: &Config, r: Replay) -> Out {
         } else if status == Status::Pending {
             pending_lsns.push(lsn);
         }
-        batch.push(spool_wal::LoggedEntry { lsn, entry });
+        batch.push(le);
         if batch.len() >= 500 {
             flush(&mut batch, &mut pending_lsns).await?;
         }

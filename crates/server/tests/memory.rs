@@ -45,7 +45,7 @@ fn hit_texts(v: &Value) -> Vec<String> {
         .collect()
 }
 
-async fn memory_round_trip(d: &Door) {
+async fn memory_round_trip(d: &Door, postgres: bool) {
     let (status, v) = remember(
         d,
         json!([
@@ -117,6 +117,14 @@ async fn memory_round_trip(d: &Door) {
             "{bad}: {v}"
         );
     }
+    // NUL in a subject: Postgres cannot compare it; a 400, never a 5xx.
+    let (status, v) = search(d, json!({"q": "tea", "subject": "a\u{0}b"})).await;
+    let want = if postgres {
+        StatusCode::BAD_REQUEST
+    } else {
+        StatusCode::OK
+    };
+    assert_eq!(status, want, "{v}");
     let no_type = Request::post("/v1/agents/search")
         .body(Body::from(json!({"q": "tea"}).to_string()))
         .unwrap();
@@ -184,10 +192,10 @@ async fn memory_round_trip(d: &Door) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remember_search_and_forget_sqlite() {
-    memory_round_trip(&door(false)).await;
+    memory_round_trip(&door(false), false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remember_search_and_forget_postgres() {
-    memory_round_trip(&door(true)).await;
+    memory_round_trip(&door(true), true).await;
 }

@@ -109,7 +109,9 @@ pub(crate) async fn write(
         let answers = accepted
             .iter()
             .map(|a| {
-                let (status, reason) = if a.replayed {
+                let (status, reason) = if a.replayed && app.engine.is_forgotten(&source, a.id) {
+                    (EntryState::Failed, Some(spool_queue::FORGOTTEN.to_owned()))
+                } else if a.replayed {
                     current_status(&app.engine, a.lsn)
                 } else {
                     (EntryState::Durable, None)
@@ -175,21 +177,27 @@ pub(crate) async fn accept(
             embedding: p.embedding,
         })
         .collect();
-    if let Some(l) = &src.limiter {
-        l.lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take(entries.len())
-            .map_err(|secs| {
-                spool_queue::EngineObserver::shed(&*app.metrics, source, entries.len() as u64);
-                ApiError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate_limited",
-                    format!("source {source:?} is over its rate_limit"),
-                )
-                .retry(secs)
-            })?;
-    }
+    take_rate(app, source, src, entries.len())?;
     Ok(app.engine.ingest(entries, track).await?)
+}
+
+/// Take `n` from the source's `rate_limit` (a forget counts one), or 429.
+pub(crate) fn take_rate(app: &App, source: &str, src: &Source, n: usize) -> ApiResult<()> {
+    let Some(l) = &src.limiter else {
+        return Ok(());
+    };
+    l.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take(n)
+        .map_err(|secs| {
+            spool_queue::EngineObserver::shed(&*app.metrics, source, n as u64);
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!("source {source:?} is over its rate_limit"),
+            )
+            .retry(secs)
+        })
 }
 
 /// Status of an accepted entry: tracked by the WAL (pending, dead, purged) or delivered.

@@ -61,6 +61,7 @@ pub(crate) async fn forget_one(
     app.authorize(src, &headers)?;
     let uuid = Uuid::parse_str(&id)
         .map_err(|_| ApiError::not_found(format!("no entry {id} in source {source:?}")))?;
+    take_rate(&app, &source, src, 1)?;
     let f = app
         .engine
         .forget(&source, &src.destination, Forget::Ids(vec![uuid]))
@@ -113,6 +114,7 @@ pub(crate) async fn forget(
         Forget::Ids(ids) => (ids.clone(), None),
         Forget::Subject(s) => (Vec::new(), Some(s.clone())),
     };
+    take_rate(&app, &source, src, 1)?;
     let f = app.engine.forget(&source, &src.destination, what).await?;
     Ok(answer(f, ids, subject))
 }
@@ -132,6 +134,8 @@ pub(crate) async fn search(
         r#"{"q":"...","embedding":[...],"subject":"...","since":"...","until":"...","k":10}"#,
     )
     .await?;
+    spool_destination::check_text("subject", req.subject.as_deref(), src.no_nul)
+        .map_err(|e| ApiError::bad("invalid_request", e.to_string()))?;
     if let Some(v) = &req.embedding {
         match src.embedding_dims {
             None => {
