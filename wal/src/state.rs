@@ -83,6 +83,9 @@ pub(crate) struct Totals {
     pub forgotten: u64,
 }
 
+/// Per subject: (accept time up to which, tombstone LSN) of each tombstone.
+type SubjectTombstones = FxHashMap<Box<str>, Vec<(i64, u64)>>;
+
 #[derive(Debug, Default)]
 pub(crate) struct State {
     pub tracked: BTreeMap<u64, Meta>,
@@ -100,7 +103,7 @@ pub(crate) struct State {
     forgotten_ids: FxHashMap<Uuid, Vec<(Arc<str>, u64)>>,
     /// Of the retained tombstones: per source and subject, (accept time up to
     /// which, tombstone LSN).
-    forgotten_subjects: FxHashMap<Arc<str>, FxHashMap<Box<str>, Vec<(i64, u64)>>>,
+    forgotten_subjects: FxHashMap<Arc<str>, SubjectTombstones>,
 }
 
 impl State {
