@@ -258,7 +258,8 @@ impl Engine {
                 // Read after the lookup: it may have been delivered meanwhile;
                 // then the destination has it (below).
                 if let (Some(le), Some(status)) = (v.pop(), self.inner.wal.status_of(st.lsn)) {
-                    if le.entry.source != source {
+                    // Forgotten by subject while pending: gone for readers too.
+                    if le.entry.source != source || self.inner.wal.forgets(&le) {
                         return Ok(None);
                     }
                     return Ok(Some(Found {

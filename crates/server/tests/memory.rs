@@ -70,6 +70,8 @@ async fn memory_round_trip(d: &Door, postgres: bool) {
         json!({"text": "x", "embedding": [1, 2]}),
         json!({"text": "x", "embedding": [1, "2", 3]}),
         json!({"text": "x", "embedding": "1,2,3"}),
+        json!({"text": "x", "embedding": [0, 0, 0]}),
+        json!({"text": "x", "embedding": [3e38, 3e38, 1]}),
     ] {
         let (status, v) = remember(d, json!([{"text": "fine"}, bad])).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");

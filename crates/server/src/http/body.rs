@@ -111,7 +111,19 @@ pub fn parse_entries(body: &[u8], rules: &BodyRules) -> Result<Vec<ParsedEntry>,
                     ),
                 ))
             }
-            (Embedding::Numbers(v), Some(_)) => Some(v),
+            (Embedding::Numbers(v), Some(_)) => {
+                // Cosine needs a norm: finite (as f32) and not zero.
+                let norm = v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+                if norm == 0.0 || norm > f64::from(f32::MAX) {
+                    return Err(ApiError::bad(
+                        "invalid_entry",
+                        format!(
+                            "{at}: `embedding` must have a non-zero norm within a 32-bit float"
+                        ),
+                    ));
+                }
+                Some(v)
+            }
         };
         entries.push(ParsedEntry {
             subject,
