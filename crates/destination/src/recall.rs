@@ -57,8 +57,9 @@ impl Search {
             if v.is_empty() || v.iter().any(|x| !x.is_finite()) {
                 return bad("embedding must be a non-empty array of finite numbers".into());
             }
-            if norm(v) == 0.0 {
-                return bad("embedding must not be all zeros (cosine is undefined)".into());
+            let n = norm(v);
+            if n == 0.0 || !n.is_finite() {
+                return bad("embedding must have a non-zero norm within a 32-bit float".into());
             }
         }
         for t in [self.since_us, self.until_us].into_iter().flatten() {
