@@ -1,11 +1,12 @@
-//! Model-based test: random sequences of appends, markers, rotations and reopens
-//! agree with a simple in-memory model of the pending set, dead letters and LSNs.
+//! Model-based test: random sequences of appends, markers, forgets (by id and
+//! by subject), compactions, rotations and reopens agree with a simple
+//! in-memory model of the pending set, dead letters, forgotten entries and LSNs.
 
 mod common;
 
 use common::*;
 use proptest::prelude::*;
-use spool_wal::{SyncMode, Wal, WalConfig};
+use spool_wal::{Entry, LoggedEntry, SyncMode, Tombstone, Wal, WalConfig};
 use std::collections::{BTreeMap, BTreeSet};
 
 #[derive(Debug, Clone)]
@@ -14,6 +15,9 @@ enum Op {
     Deliver(Vec<prop::sample::Index>),
     Fail(prop::sample::Index),
     Requeue(prop::sample::Index),
+    ForgetId(prop::sample::Index),
+    ForgetSubject(u64),
+    Compact,
     Rotate,
     Retention,
     Reopen,
@@ -25,6 +29,9 @@ fn op() -> impl Strategy<Value = Op> {
         3 => prop::collection::vec(any::<prop::sample::Index>(), 1..4).prop_map(Op::Deliver),
         1 => any::<prop::sample::Index>().prop_map(Op::Fail),
         1 => any::<prop::sample::Index>().prop_map(Op::Requeue),
+        1 => any::<prop::sample::Index>().prop_map(Op::ForgetId),
+        1 => (0u64..7).prop_map(Op::ForgetSubject),
+        1 => Just(Op::Compact),
         1 => Just(Op::Rotate),
         1 => Just(Op::Retention),
         1 => Just(Op::Reopen),
@@ -38,6 +45,20 @@ struct Model {
     last_lsn: u64,
     /// Payload number of each entry, by LSN.
     ns: BTreeMap<u64, u64>,
+    /// Every entry appended, by LSN.
+    entries: BTreeMap<u64, Entry>,
+    /// LSNs of the entries a tombstone forgot.
+    forgotten: BTreeSet<u64>,
+}
+
+fn tombstone(ids: Vec<uuid::Uuid>, subject: Option<String>) -> Tombstone {
+    Tombstone {
+        at_us: spool_wal::now_us(),
+        source: "agents".into(),
+        destination: "main".into(),
+        ids,
+        subject,
+    }
 }
 
 fn config() -> WalConfig {
@@ -75,6 +96,17 @@ fn check(wal: &Wal, m: &Model) {
     for e in dead_entries {
         assert_eq!(payload_n(&e.entry.payload), m.ns[&e.lsn]);
     }
+    for (lsn, e) in &m.entries {
+        let le = LoggedEntry {
+            lsn: *lsn,
+            entry: e.clone(),
+        };
+        assert_eq!(
+            wal.forgets(&le),
+            m.forgotten.contains(lsn),
+            "forgotten: lsn {lsn}"
+        );
+    }
 }
 
 proptest! {
@@ -98,6 +130,7 @@ proptest! {
                             m.last_lsn = *l;
                             m.pending.insert(*l);
                             m.ns.insert(*l, n + i as u64);
+                            m.entries.insert(*l, es[i].clone());
                         }
                         n += k as u64;
                     }
@@ -126,6 +159,32 @@ proptest! {
                         m.dead.remove(&l);
                         m.pending.insert(l);
                     }
+                    Op::ForgetId(i) => {
+                        if m.entries.is_empty() { return; }
+                        let v: Vec<u64> = m.entries.keys().copied().collect();
+                        let l = *i.get(&v);
+                        let t = wal.forget(&tombstone(vec![m.entries[&l].id], None)).await.unwrap();
+                        m.last_lsn = t;
+                        // By id: tracked or not, it ends here.
+                        m.pending.remove(&l);
+                        m.dead.remove(&l);
+                        m.forgotten.insert(l);
+                    }
+                    Op::ForgetSubject(k) => {
+                        let subject = format!("subject-{k}");
+                        let t = wal.forget(&tombstone(Vec::new(), Some(subject.clone()))).await.unwrap();
+                        m.last_lsn = t;
+                        // By subject: covered, but a tracked entry stays tracked
+                        // until its worker ends it.
+                        for (l, e) in &m.entries {
+                            if e.subject.as_deref() == Some(subject.as_str()) {
+                                m.forgotten.insert(*l);
+                            }
+                        }
+                    }
+                    Op::Compact => {
+                        wal.compact().unwrap();
+                    }
                     Op::Rotate => wal.rotate().await.unwrap(),
                     Op::Retention => {
                         let r = wal.run_retention().await.unwrap();
@@ -134,11 +193,13 @@ proptest! {
                     Op::Reopen => {
                         wal.close();
                         wal = Wal::open(dir.path(), config()).unwrap();
-                        let next = wal.append(&[entry(n)]).await.unwrap()[0];
+                        let reopened = entry(n);
+                        let next = wal.append(std::slice::from_ref(&reopened)).await.unwrap()[0];
                         assert!(next > m.last_lsn, "LSN reused after reopen");
                         m.last_lsn = next;
                         m.pending.insert(next);
                         m.ns.insert(next, n);
+                        m.entries.insert(next, reopened);
                         n += 1;
                     }
                 }
