@@ -158,7 +158,13 @@ impl SpoolMcp {
             .extensions
             .get::<McpSource>()
             .ok_or_else(|| ErrorData::invalid_request("no source for this request", None))?;
-        let mut headers = parts.headers.clone();
+        // Only what the route needs: the caller's token and the body's type
+        // (never the MCP request's own Content-Length, -Encoding or
+        // Idempotency-Key, which describe another body).
+        let mut headers = HeaderMap::new();
+        if let Some(auth) = parts.headers.get(header::AUTHORIZATION) {
+            headers.insert(header::AUTHORIZATION, auth.clone());
+        }
         headers.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
