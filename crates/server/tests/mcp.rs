@@ -301,3 +301,30 @@ async fn spool_mcp_serves_stdio_forwarding_to_a_running_spool() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach spool's MCP"));
 }
+
+/// The MCP request's own headers describe the JSON-RPC body, not a tool's:
+/// an `Idempotency-Key` on it must not reach `remember`'s write (it would make
+/// a two-memory call a 400, or key a memory the agent never keyed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mcp_requests_own_headers_do_not_reach_the_tools() {
+    let s = serve(SOURCES).await;
+    let headers = std::collections::HashMap::from([(
+        axum::http::HeaderName::from_static("idempotency-key"),
+        axum::http::HeaderValue::from_static("k1"),
+    )]);
+    let cfg = StreamableHttpClientTransportConfig::with_uri(format!("{}/mcp", s.base))
+        .auth_header("tok-a".to_owned())
+        .custom_headers(headers);
+    let c = ClientConfig::default()
+        .serve(StreamableHttpClientTransport::from_config(cfg))
+        .await
+        .unwrap();
+    let v = ok(call(
+        &c,
+        "remember",
+        json!({"memories": [{"text": "a"}, {"text": "b"}]}),
+    )
+    .await);
+    assert_eq!(v["entries"].as_array().unwrap().len(), 2, "{v}");
+    c.cancel().await.unwrap();
+}
