@@ -7,7 +7,9 @@
 //! - **Never misses a committed row.** A shelf is registered before its load
 //!   reads the table, and writers add what they committed after committing,
 //!   under the shelf's lock (rows the load already read are not added twice).
-//! - **Never holds a deleted row**: a forget removes its ids after its commit.
+//! - **Never holds a deleted row**: a forget removes its ids after its commit,
+//!   and adds and removes happen while the single writer connection is held,
+//!   so they follow commit order.
 //! - SQLite only: it is embedded (one writer process); Postgres, shared by
 //!   several nodes, scans in the database instead.
 //!

@@ -337,13 +337,15 @@ impl Destination for SqliteDestination {
         let mut conn = self.writer.acquire().await.map_err(|e| self.err(e))?;
         match insert(&mut conn, batch).await {
             Ok(inserted) => {
-                drop(conn);
+                // The index is updated while the (single) writer is held, so
+                // its updates follow commit order (a forget cannot slip between).
                 let written: Vec<&Entry> = batch
                     .iter()
                     .filter(|le| inserted.contains(&le.lsn))
                     .map(|le| &le.entry)
                     .collect();
                 self.vectors.added(&written).await;
+                drop(conn);
                 Ok(batch.len() as u64 - (inserted.len() as u64).min(batch.len() as u64))
             }
             Err(e) => {

@@ -198,12 +198,13 @@ impl SqliteDestination {
             conn.close_on_drop();
             self.err(e)
         })?;
-        drop(conn);
         let ids: Vec<Uuid> = ids
             .iter()
             .filter_map(|id| Uuid::try_parse(id).ok())
             .collect();
+        // Under the writer, like adds: index updates follow commit order.
         self.vectors.removed(&t.source, &ids).await;
+        drop(conn);
         Ok(ids.len() as u64)
     }
 }

@@ -308,12 +308,14 @@ impl ServerHandler for SpoolMcp {
 
 /// The `/mcp` service: stateless Streamable HTTP, plain JSON answers.
 pub(crate) fn service(app: Arc<App>) -> StreamableHttpService<SpoolMcp, NeverSessionManager> {
+    let max_body = usize::try_from(app.cfg.server.max_body_bytes).unwrap_or(usize::MAX);
     StreamableHttpService::new(
         move || Ok(SpoolMcp::new(app.clone())),
         Arc::new(NeverSessionManager::default()),
         StreamableHttpServerConfig::default()
             .with_legacy_session_mode(false)
             .with_json_response(true)
+            .with_max_request_body_bytes(max_body)
             .disable_allowed_hosts(),
     )
 }

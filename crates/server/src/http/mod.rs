@@ -204,10 +204,14 @@ pub fn router(app: Arc<App>) -> Router {
 /// without a token — from a foreign `Host` or a cross-site `Origin`.
 async fn track(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
     let (start, method) = (Instant::now(), req.method().clone());
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned());
+    let route = if req.uri().path().starts_with("/mcp") {
+        // A nested service's tail has no matched path of its own.
+        "/mcp".to_owned()
+    } else {
+        req.extensions()
+            .get::<MatchedPath>()
+            .map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned())
+    };
     let ops = matches!(route.as_str(), "/healthz" | "/readyz" | "/metrics");
     // Everything but reads: writes, forgets, searches (a POST too) and admin.
     let guarded_route = route.starts_with("/v1/admin/")
