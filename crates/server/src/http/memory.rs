@@ -61,12 +61,19 @@ pub(crate) async fn forget_one(
     app.authorize(src, &headers)?;
     let uuid = Uuid::parse_str(&id)
         .map_err(|_| ApiError::not_found(format!("no entry {id} in source {source:?}")))?;
-    take_rate(&app, &source, src, 1)?;
-    let f = app
-        .engine
-        .forget(&source, &src.destination, Forget::Ids(vec![uuid]))
-        .await?;
-    Ok(answer(f, vec![uuid], None))
+    forget_as(&app, &source, src, Forget::Ids(vec![uuid])).await
+}
+
+/// A checked forget: counted by the source's rate limit, then the engine's
+/// (durable before this answers).
+async fn forget_as(app: &App, source: &str, src: &Source, what: Forget) -> ApiResult<Response> {
+    let (ids, subject) = match &what {
+        Forget::Ids(ids) => (ids.clone(), None),
+        Forget::Subject(s) => (Vec::new(), Some(s.clone())),
+    };
+    take_rate(app, source, src, 1)?;
+    let f = app.engine.forget(source, &src.destination, what).await?;
+    Ok(answer(f, ids, subject))
 }
 
 pub(crate) async fn forget(
@@ -110,13 +117,7 @@ pub(crate) async fn forget(
             ))
         }
     };
-    let (ids, subject) = match &what {
-        Forget::Ids(ids) => (ids.clone(), None),
-        Forget::Subject(s) => (Vec::new(), Some(s.clone())),
-    };
-    take_rate(&app, &source, src, 1)?;
-    let f = app.engine.forget(&source, &src.destination, what).await?;
-    Ok(answer(f, ids, subject))
+    forget_as(&app, &source, src, what).await
 }
 
 pub(crate) async fn search(
