@@ -19,8 +19,10 @@ use uuid::Uuid;
 
 impl Wal {
     /// Append a TOMBSTONE; resolves with its LSN once durable (per the sync
-    /// mode). Not refused by the quota: forgetting is how space comes back.
-    pub async fn forget(&self, t: &Tombstone) -> Result<u64> {
+    /// mode), `t.at_us` set to the stamp it was stored with (rising with the LSN,
+    /// like [`Wal::append`]'s). Not refused by the quota: forgetting is how space
+    /// comes back.
+    pub async fn forget(&self, t: &mut Tombstone) -> Result<u64> {
         if t.source.len() > MAX_NAME_LEN || t.destination.len() > MAX_NAME_LEN {
             return Err(WalError::InvalidRecord(
                 "source and destination names are limited to 65535 bytes",
@@ -35,14 +37,15 @@ impl Wal {
                 limit,
             });
         }
-        let lsns = self
-            .call(|reply| Op::Append {
+        let (lsns, stamps) = self
+            .call_stamped(|reply| Op::Append {
                 records: vec![(Kind::Tombstone, body)],
                 durable: true,
                 gated: false,
                 reply,
             })
             .await?;
+        t.at_us = stamps[0];
         Ok(lsns[0])
     }
 

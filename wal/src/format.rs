@@ -150,6 +150,10 @@ pub struct Checkpoint {
     /// own (version 4): recovery reads them at their offsets, so what they forgot
     /// stays forgotten.
     pub tombstones: Vec<TombRef>,
+    /// The highest accept or forget time (µs) stamped on a record before this
+    /// checkpoint (version 4; 0 when absent): stamps keep rising after a restart
+    /// even if the clock went back.
+    pub stamp: i64,
 }
 
 /// A TOMBSTONE record as a checkpoint lists it.
@@ -354,6 +358,17 @@ const ENTRY_HAS_IDEMPOTENCY_KEY: u8 = 2;
 const ENTRY_HAS_EMBEDDING: u8 = 4;
 const TOMBSTONE_HAS_SUBJECT: u8 = 1;
 
+/// Where the time stamp (`accepted_at_us` of an ENTRY, `at_us` of a TOMBSTONE,
+/// an i64) lies in a record body of this kind. The WAL sets it as it orders the
+/// record (see [`crate::Wal::append`]).
+pub(crate) fn stamp_at(kind: Kind) -> Option<usize> {
+    match kind {
+        Kind::Entry => Some(16),
+        Kind::Tombstone => Some(0),
+        _ => None,
+    }
+}
+
 /// Encode an ENTRY body. Field order (do not reorder): id(16) accepted_at_us(i64)
 /// flags(u8) source(str16) destination(str16) [subject(str32)] [idempotency_key(str32)]
 /// payload(bytes32) [embedding: count(u32) × f32] (version 4).
@@ -451,6 +466,7 @@ pub fn encode_checkpoint(c: &Checkpoint, out: &mut Vec<u8>) {
             out.extend_from_slice(&t.offset.to_le_bytes());
             out.push(u8::from(t.delivered));
         }
+        out.extend_from_slice(&c.stamp.to_le_bytes());
     }
 }
 
@@ -737,12 +753,14 @@ pub fn decode_record(kind: Kind, body: &[u8]) -> Result<Record, BodyError> {
                     });
                 }
             }
+            let stamp = if c.buf.is_empty() { 0 } else { c.u64()? as i64 };
             Record::Checkpoint(Checkpoint {
                 pending,
                 dead,
                 segments,
                 purged,
                 tombstones,
+                stamp,
             })
         }
     };
@@ -845,6 +863,7 @@ mod tests {
                     offset: 500,
                     delivered: true,
                 }],
+                stamp: 1_700_000_000_000_002,
             }),
             Record::Checkpoint(Checkpoint::default()),
         ];

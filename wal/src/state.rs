@@ -104,6 +104,9 @@ pub(crate) struct State {
     /// Of the retained tombstones: per source and subject, (accept time up to
     /// which, tombstone LSN).
     forgotten_subjects: FxHashMap<Arc<str>, SubjectTombstones>,
+    /// Highest stamp (accept or forget time) of any record applied, or named by
+    /// a checkpoint: the next stamp is above it.
+    pub stamp: i64,
 }
 
 impl State {
@@ -135,6 +138,7 @@ impl State {
         status: Tracked,
     ) -> Result<(), BodyError> {
         let e = format::decode_entry_ref(body)?;
+        self.stamp = self.stamp.max(e.accepted_at_us);
         let meta = Meta {
             id: e.id,
             source: self.intern(e.source),
@@ -297,6 +301,7 @@ impl State {
                 self.mark_dead(d.lsn, d.attempts, d.reason.clone());
             }
         }
+        self.stamp = self.stamp.max(cp.stamp);
         self.purged.extend(cp.purged.iter().copied());
         // Tombstones before it that it does not list were retired with their segment.
         let listed: HashSet<u64> = cp.tombstones.iter().map(|t| t.lsn).collect();
@@ -327,6 +332,7 @@ impl State {
         delivered: bool,
     ) -> Result<(), BodyError> {
         let t = Arc::new(format::decode_tombstone(body)?);
+        self.stamp = self.stamp.max(t.at_us);
         for id in &t.ids {
             let Some(&l) = self.by_id.get(id) else {
                 continue;
@@ -480,6 +486,7 @@ impl State {
                     delivered: m.delivered,
                 })
                 .collect(),
+            stamp: self.stamp,
             ..Checkpoint::default()
         };
         for (lsn, m) in &self.tracked {

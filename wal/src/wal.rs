@@ -230,7 +230,10 @@ impl Wal {
         let shared = Arc::new(Shared {
             dir: dir.clone(),
             config,
-            inbox: Mutex::new(Inbox::default()),
+            inbox: Mutex::new(Inbox {
+                stamp: state.stamp,
+                ..Inbox::default()
+            }),
             wake: Condvar::new(),
             state: Mutex::new(state),
             visible_lsn: (next_lsn - 1).into(),
@@ -268,25 +271,34 @@ impl Wal {
         &self.shared.config
     }
 
-    fn submit(&self, op: Op) -> Result<()> {
+    /// Hand `op` to the writer; answers the stamps its records were given.
+    fn submit(&self, op: Op) -> Result<Vec<i64>> {
         let mut inbox = self.shared.inbox();
         if inbox.closing {
             return Err(WalError::Closed);
         }
-        inbox.waiting += usize::from(op.waits_for_sync());
-        inbox.ops.push(op);
+        let stamps = inbox.push(op);
         let wake = inbox.ops.len() == 1 || (inbox.want > 0 && inbox.waiting == inbox.want);
         drop(inbox);
         if wake {
             self.shared.wake.notify_one();
         }
-        Ok(())
+        Ok(stamps)
     }
 
     pub(crate) async fn call<T>(&self, op: impl FnOnce(Reply<T>) -> Op) -> Result<T> {
+        self.call_stamped(op).await.map(|(t, _)| t)
+    }
+
+    /// [`Wal::call`], also answering the stamps the op's records were given.
+    pub(crate) async fn call_stamped<T>(
+        &self,
+        op: impl FnOnce(Reply<T>) -> Op,
+    ) -> Result<(T, Vec<i64>)> {
         let (tx, rx) = oneshot::channel();
-        self.submit(op(tx))?;
-        rx.await.unwrap_or(Err(WalError::Closed))
+        let stamps = self.submit(op(tx))?;
+        let t = rx.await.unwrap_or(Err(WalError::Closed))?;
+        Ok((t, stamps))
     }
 
     fn encode_entries(&self, entries: &[Entry]) -> Result<Vec<(Kind, Vec<u8>)>> {
@@ -315,6 +327,10 @@ impl Wal {
     /// Append entries as one group; resolves with their LSNs once durable (per the
     /// sync mode). All or nothing: on error no record of the call is on disk.
     ///
+    /// Each entry is stored with `accepted_at_us` raised, if need be, so stamps
+    /// rise with the LSN (docs/wal-format.md, "Stamps rise with the LSN"):
+    /// [`Wal::append_stamped`] tells the caller the stamps.
+    ///
     /// The write goes ahead even if the returned future is dropped; callers that
     /// must know the outcome should not drop it.
     pub async fn append(&self, entries: &[Entry]) -> Result<Vec<u64>> {
@@ -326,6 +342,24 @@ impl Wal {
             reply,
         })
         .await
+    }
+
+    /// [`Wal::append`], setting each entry's `accepted_at_us` to the stamp it was
+    /// stored with.
+    pub async fn append_stamped(&self, entries: &mut [Entry]) -> Result<Vec<u64>> {
+        let records = self.encode_entries(entries)?;
+        let (lsns, stamps) = self
+            .call_stamped(|reply| Op::Append {
+                records,
+                durable: true,
+                gated: true,
+                reply,
+            })
+            .await?;
+        for (e, at) in entries.iter_mut().zip(stamps) {
+            e.accepted_at_us = at;
+        }
+        Ok(lsns)
     }
 
     /// Blocking form of [`Wal::append`], for threads outside an async runtime.

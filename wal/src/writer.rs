@@ -77,6 +77,42 @@ pub(crate) struct Inbox {
     /// The writer is gathering a group and wants a wake-up when this many
     /// ops wait for an fdatasync.
     pub want: usize,
+    /// The last stamp given to an ENTRY or TOMBSTONE (µs): ops reach the log in
+    /// inbox order, so stamps given here rise with the LSN.
+    pub stamp: i64,
+}
+
+impl Inbox {
+    /// Stamp the records of an append: each keeps the time its caller gave it
+    /// (the clock when it was accepted) unless that is not above the previous
+    /// stamp, then it gets the previous stamp + 1. Answers the stamps given.
+    fn stamp(&mut self, records: &mut [(Kind, Vec<u8>)]) -> Vec<i64> {
+        let mut given = Vec::new();
+        for (kind, body) in records {
+            let Some(at) = format::stamp_at(*kind) else {
+                continue;
+            };
+            let Some(field) = body.get_mut(at..at + 8) else {
+                continue;
+            };
+            let asked = i64::from_le_bytes(field.try_into().expect("8 bytes"));
+            self.stamp = asked.max(self.stamp + 1);
+            field.copy_from_slice(&self.stamp.to_le_bytes());
+            given.push(self.stamp);
+        }
+        given
+    }
+
+    /// Queue `op`, stamping it if it appends; answers the stamps given.
+    pub fn push(&mut self, mut op: Op) -> Vec<i64> {
+        let given = match &mut op {
+            Op::Append { records, .. } => self.stamp(records),
+            _ => Vec::new(),
+        };
+        self.waiting += usize::from(op.waits_for_sync());
+        self.ops.push(op);
+        given
+    }
 }
 
 /// What the handle and the writer share.

@@ -355,8 +355,8 @@ async fn read_queued_answers_each_lsn_and_a_damaged_record_hides_no_other() {
     let wal = Wal::open(dir.path(), WalConfig::default()).unwrap();
     let mut marked = entry(2);
     marked.payload = br#"{"n":2,"mark":"DAMAGE-ME"}"#.to_vec();
-    let originals = vec![entry(1), marked, entry(3), entry(4)];
-    let lsns = wal.append(&originals).await.unwrap();
+    let mut originals = vec![entry(1), marked, entry(3), entry(4)];
+    let lsns = wal.append_stamped(&mut originals).await.unwrap();
     wal.mark_delivered(&lsns[3..]).await.unwrap();
     let (segment, _) = damage(dir.path(), b"DAMAGE-ME");
     let asked = [lsns[2], lsns[1], lsns[0], lsns[3], 9_999];

@@ -48,7 +48,7 @@ async fn a_pending_entry_forgotten_by_id_is_never_read_for_delivery_after_a_rest
     let wal = Wal::open(dir.path(), WalConfig::default()).unwrap();
     let (a, b) = (entry(1), entry(2));
     let lsns = wal.append(&[a.clone(), b.clone()]).await.unwrap();
-    let t = wal.forget(&by_ids(&[a.id])).await.unwrap();
+    let t = wal.forget(&mut by_ids(&[a.id])).await.unwrap();
     assert!(t > lsns[1]);
     assert_eq!(pending_ns(&wal), vec![2]);
     assert!(matches!(read_one(&wal, lsns[0]), ReadBack::Gone));
@@ -75,12 +75,12 @@ async fn an_id_of_another_source_is_not_forgotten() {
     let l = wal.append(std::slice::from_ref(&a)).await.unwrap()[0];
     let mut t = by_ids(&[a.id]);
     t.source = "intruder".into();
-    wal.forget(&t).await.unwrap();
+    wal.forget(&mut t).await.unwrap();
     assert!(matches!(read_one(&wal, l), ReadBack::Entry(_)));
     assert!(!wal.forgets(&at(l, &a)));
     // Forgotten by its own source, then named by another: still forgotten.
-    wal.forget(&by_ids(&[a.id])).await.unwrap();
-    wal.forget(&t).await.unwrap();
+    wal.forget(&mut by_ids(&[a.id])).await.unwrap();
+    wal.forget(&mut t).await.unwrap();
     assert!(
         wal.forgets(&at(l, &a)),
         "another source's tombstone cancelled a forget"
@@ -94,7 +94,8 @@ async fn a_subject_forgets_what_was_accepted_before_it_not_after() {
     let before = with_subject(1, "alice");
     let other = with_subject(2, "bob");
     let lsns = wal.append(&[before.clone(), other.clone()]).await.unwrap();
-    wal.forget(&by_subject("alice")).await.unwrap();
+    let mut t = by_subject("alice");
+    wal.forget(&mut t).await.unwrap();
     let mut after = with_subject(3, "alice");
     after.accepted_at_us = spool_wal::now_us() + 1;
     let l3 = wal.append(std::slice::from_ref(&after)).await.unwrap()[0];
@@ -106,7 +107,16 @@ async fn a_subject_forgets_what_was_accepted_before_it_not_after() {
     assert!(matches!(read_one(&wal, lsns[0]), ReadBack::Forgotten));
     assert!(matches!(read_one(&wal, lsns[1]), ReadBack::Entry(_)));
     assert!(matches!(read_one(&wal, l3), ReadBack::Entry(_)));
-    assert!(matches!(read_one(&wal, l4), ReadBack::Entry(_)));
+    // ... and its stored accept time says so: a destination deleting by
+    // `created_at <= at_us` keeps it too.
+    let ReadBack::Entry(stored) = read_one(&wal, l4) else {
+        panic!("the raced entry is not readable")
+    };
+    assert!(
+        stored.accepted_at_us > t.at_us,
+        "an entry written after a forget is stamped before it"
+    );
+    raced.accepted_at_us = stored.accepted_at_us;
     let all = [
         at(lsns[0], &before),
         at(lsns[1], &other),
@@ -126,7 +136,7 @@ async fn tombstones_are_carried_by_checkpoints_across_rotations() {
     let wal = Wal::open(dir.path(), cfg()).unwrap();
     let a = with_subject(1, "alice");
     let la = wal.append(std::slice::from_ref(&a)).await.unwrap()[0];
-    let t = wal.forget(&by_subject("alice")).await.unwrap();
+    let t = wal.forget(&mut by_subject("alice")).await.unwrap();
     for _ in 0..3 {
         wal.rotate().await.unwrap();
     }
@@ -160,7 +170,7 @@ async fn retention_keeps_a_tombstone_while_an_older_segment_holds_what_it_forgot
     wal.mark_delivered(&[f]).await.unwrap();
     wal.rotate().await.unwrap();
     // Segment 2: the tombstone, delivered.
-    let t = wal.forget(&by_subject("alice")).await.unwrap();
+    let t = wal.forget(&mut by_subject("alice")).await.unwrap();
     wal.mark_delivered(&[t]).await.unwrap();
     wal.rotate().await.unwrap();
     wal.run_retention().await.unwrap();
@@ -223,15 +233,15 @@ async fn compaction_erases_forgotten_payloads_from_sealed_segments_only() {
         .await
         .unwrap();
     wal.mark_delivered(&lsns[..2]).await.unwrap();
-    wal.forget(&by_subject("alice")).await.unwrap();
+    wal.forget(&mut by_subject("alice")).await.unwrap();
     // Forgotten but still pending: left for its worker, not erased.
-    wal.forget(&by_ids(&[pending.id])).await.unwrap();
+    wal.forget(&mut by_ids(&[pending.id])).await.unwrap();
     wal.rotate().await.unwrap();
     // In the active segment (and still pending): never touched.
     let mut late = secret(4, "alice");
     late.accepted_at_us = 0;
     wal.append(std::slice::from_ref(&late)).await.unwrap();
-    wal.forget(&by_subject("alice")).await.unwrap();
+    wal.forget(&mut by_subject("alice")).await.unwrap();
 
     let contains = |needle: &str| {
         segments(dir.path()).iter().any(|p| {
@@ -292,11 +302,57 @@ async fn recovery_from_a_checkpoint_naming_an_erased_entry_starts() {
     wal.rotate().await.unwrap(); // the new segment's checkpoint lists it as pending
                                  // Delivered and forgotten in the active segment: no newer checkpoint.
     wal.mark_delivered(&[l]).await.unwrap();
-    wal.forget(&by_ids(&[e.id])).await.unwrap();
+    wal.forget(&mut by_ids(&[e.id])).await.unwrap();
     assert_eq!(wal.compact().unwrap().entries_erased, 1);
     wal.close();
     drop(wal);
     let wal = Wal::open(dir.path(), cfg()).expect("recovery refused an erased entry");
     assert_eq!(wal.status().pending, 0);
     assert!(wal.forgets(&at(l, &e)));
+}
+
+#[tokio::test]
+async fn stamps_rise_with_the_lsn_whatever_the_clock_and_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = || WalConfig {
+        retention: Duration::ZERO,
+        ..small(4096)
+    };
+    let wal = Wal::open(dir.path(), cfg()).unwrap();
+    // Accepted an hour ahead (the clock then stepped back), then delivered.
+    let mut ahead = entry(1);
+    ahead.accepted_at_us = spool_wal::now_us() + 3_600_000_000;
+    let mut stamped = [ahead.clone(), entry(2)];
+    let lsns = wal.append_stamped(&mut stamped).await.unwrap();
+    assert_eq!(
+        stamped[0].accepted_at_us, ahead.accepted_at_us,
+        "a rising stamp is kept"
+    );
+    assert!(stamped[1].accepted_at_us > ahead.accepted_at_us);
+    let mut t = by_ids(&[]);
+    t.subject = Some("alice".into());
+    wal.forget(&mut t).await.unwrap();
+    assert!(t.at_us > stamped[1].accepted_at_us);
+    wal.mark_delivered(&lsns).await.unwrap();
+    wal.mark_delivered(&[wal.pending_tombstones()[0].0])
+        .await
+        .unwrap();
+    // Its segment goes; only the newest checkpoint still knows its stamp.
+    let first = segments(dir.path())[0].clone();
+    wal.rotate().await.unwrap();
+    let l4 = wal.append(&[entry(4)]).await.unwrap();
+    wal.mark_delivered(&l4).await.unwrap();
+    wal.rotate().await.unwrap();
+    wal.run_retention().await.unwrap();
+    assert!(!first.exists(), "retention kept the segment");
+    wal.close();
+    drop(wal);
+    let wal = Wal::open(dir.path(), cfg()).unwrap();
+    assert!(wal.recovery_report().checkpoint_lsn.is_some());
+    let mut next = [entry(3)];
+    wal.append_stamped(&mut next).await.unwrap();
+    assert!(
+        next[0].accepted_at_us > t.at_us,
+        "a stamp after a restart went back below one before it"
+    );
 }

@@ -163,7 +163,7 @@ proptest! {
                         if m.entries.is_empty() { return; }
                         let v: Vec<u64> = m.entries.keys().copied().collect();
                         let l = *i.get(&v);
-                        let t = wal.forget(&tombstone(vec![m.entries[&l].id], None)).await.unwrap();
+                        let t = wal.forget(&mut tombstone(vec![m.entries[&l].id], None)).await.unwrap();
                         m.last_lsn = t;
                         // By id: tracked or not, it ends here.
                         m.pending.remove(&l);
@@ -172,7 +172,7 @@ proptest! {
                     }
                     Op::ForgetSubject(k) => {
                         let subject = format!("subject-{k}");
-                        let t = wal.forget(&tombstone(Vec::new(), Some(subject.clone()))).await.unwrap();
+                        let t = wal.forget(&mut tombstone(Vec::new(), Some(subject.clone()))).await.unwrap();
                         m.last_lsn = t;
                         // By subject: covered, but a tracked entry stays tracked
                         // until its worker ends it.

@@ -78,7 +78,7 @@ impl Inner {
         } else {
             Some(self.keys.recording().await)
         };
-        let lsns = match self.append(&write).await {
+        let lsns = match self.append(&mut write).await {
             Ok(l) => l,
             Err(e) => {
                 self.keys
@@ -164,12 +164,13 @@ impl Inner {
 
     /// Reserve capacity for `write` (all or nothing), then append it to the WAL.
     /// Nothing is written when capacity is short; a failed append gives it back.
-    async fn append(&self, write: &[Entry]) -> Result<Vec<u64>, IngestError> {
+    /// Each entry's `accepted_at_us` becomes the stamp the WAL stored.
+    async fn append(&self, write: &mut [Entry]) -> Result<Vec<u64>, IngestError> {
         if write.is_empty() {
             return Ok(Vec::new());
         }
         let mut need: Vec<(&Arc<Lane>, usize)> = Vec::new();
-        for e in write {
+        for e in write.iter() {
             let lane = &self.lanes[&e.destination];
             match need.iter_mut().find(|(l, _)| Arc::ptr_eq(l, lane)) {
                 Some((_, n)) => *n += 1,
@@ -181,7 +182,7 @@ impl Inner {
                 for (l, m) in &need[..i] {
                     l.unreserve(*m);
                 }
-                for e in write {
+                for e in write.iter() {
                     self.observer.shed(&e.source, 1);
                 }
                 return Err(IngestError::Full {
@@ -190,7 +191,7 @@ impl Inner {
                 });
             }
         }
-        let res = self.wal.append(write).await;
+        let res = self.wal.append_stamped(write).await;
         self.wal_failing.store(res.is_err(), Ordering::Relaxed);
         res.map_err(|e| {
             for (l, m) in &need {

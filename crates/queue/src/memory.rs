@@ -99,14 +99,14 @@ impl Engine {
                 (known, None, unknown)
             }
         };
-        let t = Tombstone {
+        let mut t = Tombstone {
             at_us: now_us(),
             source: source.to_owned(),
             destination: destination.to_owned(),
             ids,
             subject,
         };
-        let lsn = inner.wal.forget(&t).await.map_err(IngestError::Wal)?;
+        let lsn = inner.wal.forget(&mut t).await.map_err(IngestError::Wal)?;
         // While the destination is down, the tombstone task applies it later.
         let applied = match lane.down_reason() {
             None => inner.apply_tombstone(lane, lsn, &t, false).await,
@@ -307,7 +307,7 @@ impl Inner {
             };
             let wal = &self.wal;
             self.record(lane, "a late forget", || async {
-                wal.forget(&t).await.map(drop)
+                wal.forget(&mut t.clone()).await.map(drop)
             })
             .await;
         }

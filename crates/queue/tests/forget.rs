@@ -349,3 +349,48 @@ async fn forgetting_a_forgotten_id_again_writes_nothing() {
     );
     engine.shutdown(Duration::from_secs(5)).await;
 }
+
+/// A write accepted (stamped) just before a subject forget but logged just
+/// after it — two requests racing — was acknowledged after the forget, so it
+/// is not forgotten: not by the WAL, and not by the destination's
+/// `created_at <= at_us` delete when the tombstone is applied again (at every
+/// start, by replay). The WAL stamps both in log order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_racing_a_subject_forget_is_not_deleted_when_the_tombstone_is_applied_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = Arc::new(
+        SqliteDestination::open(
+            "main",
+            &dir.path().join("spool.db"),
+            None,
+            spool_destination::DEFAULT_SQLITE_TIMEOUT,
+        )
+        .unwrap(),
+    );
+    let wal = Wal::open(dir.path().join("wal"), WalConfig::default()).unwrap();
+    let engine = Engine::start(wal.clone(), vec![sqlite.clone()], cfg()).unwrap();
+    // Stamped by its request before the forget's...
+    let raced = about(1, Some("alice"));
+    engine
+        .forget("agents", "main", Forget::Subject("alice".into()))
+        .await
+        .unwrap();
+    // ... but appended after it.
+    let outcomes = engine
+        .ingest(vec![raced.clone()], true)
+        .await
+        .unwrap()
+        .wait(Duration::from_secs(5))
+        .await;
+    assert_eq!(outcomes, vec![Outcome::Delivered]);
+    let tombstones = wal.tombstones();
+    assert_eq!(tombstones.len(), 1);
+    for (_, t, _) in &tombstones {
+        sqlite.forget(t).await.unwrap();
+    }
+    assert!(
+        sqlite.get("agents", raced.id).await.unwrap().is_some(),
+        "an entry acknowledged after the forget was deleted by it"
+    );
+    engine.shutdown(Duration::from_secs(5)).await;
+}
