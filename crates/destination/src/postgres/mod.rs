@@ -15,7 +15,7 @@
 
 use crate::error::classify;
 use crate::query::{fitting, Query};
-use crate::recall::{self, Hit, Search, TopK};
+use crate::recall::{self, Hit, Search};
 use crate::words::{payload_words, query_words, tsquery};
 use crate::{
     page, screen, Candidates, Destination, DestinationError, Page, Result, StoredEntry,
@@ -80,7 +80,7 @@ const MIGRATIONS: &[&str] = &[
     DROP INDEX spool_entries_fts;
     ALTER TABLE spool_entries ADD COLUMN words tsvector;
     "#,
-    // 4: embeddings, for vector recall by exact scan.
+    // 4: embeddings, for vector recall (pgvector casts them, see vector.rs).
     r#"
     ALTER TABLE spool_entries ADD COLUMN embedding real[];
     "#,
@@ -122,13 +122,16 @@ fn push_filters(qb: &mut QueryBuilder<'_, Postgres>, s: &Search) {
     }
 }
 
+mod vector;
+
 /// The PostgreSQL destination.
 pub struct PostgresDestination {
     name: String,
     pool: PgPool,
     timeout: Duration,
-    /// Set once the schema is migrated (at the first successful contact).
-    migrated: OnceCell<()>,
+    /// Set once the schema is migrated (at the first successful contact): the
+    /// pgvector extension, if the server has it.
+    migrated: OnceCell<Option<vector::Pgvector>>,
 }
 
 impl PostgresDestination {
@@ -187,9 +190,7 @@ impl PostgresDestination {
         // A migration has no deadline (an index build on a large table may take
         // long; abandoning it would leave the server building it anyway), and
         // its failures are never an entry's fault.
-        self.migrated
-            .get_or_try_init(|| async { self.migrate().await.map_err(|e| e.into_outage()) })
-            .await?;
+        self.pgvector().await?;
         let deadline = self.timeout + (self.timeout / 2).max(Duration::from_millis(500));
         tokio::time::timeout(deadline, op)
             .await
@@ -200,7 +201,16 @@ impl PostgresDestination {
             .map_err(|e| self.err(e))
     }
 
-    async fn migrate(&self) -> Result<()> {
+    /// Migrate the schema (once), answering whether pgvector is there.
+    async fn pgvector(&self) -> Result<Option<&vector::Pgvector>> {
+        let found = self
+            .migrated
+            .get_or_try_init(|| async { self.migrate().await.map_err(|e| e.into_outage()) })
+            .await?;
+        Ok(found.as_ref())
+    }
+
+    async fn migrate(&self) -> Result<Option<vector::Pgvector>> {
         let mut tx = self.pool.begin().await.map_err(|e| self.err(e))?;
         // Computing words between statements leaves the transaction idle.
         tx.execute(
@@ -253,7 +263,7 @@ impl PostgresDestination {
         if found >= WORDS_MIGRATION as i64 {
             tokio::spawn(index_stragglers(self.pool.clone(), self.name.clone()));
         }
-        Ok(())
+        Ok(vector::probe(&self.pool, &self.name).await)
     }
 
     fn row(&self, r: &PgRow) -> StoredEntry {
@@ -515,22 +525,7 @@ impl Destination for PostgresDestination {
         }
         let mut vector = Vec::new();
         if let Some(v) = &s.embedding {
-            let mut qb: QueryBuilder<Postgres> =
-                QueryBuilder::new("SELECT id, embedding FROM spool_entries WHERE source = ");
-            qb.push_bind(s.source.as_str())
-                .push(" AND cardinality(embedding) = ")
-                .push_bind(v.len() as i32);
-            push_filters(&mut qb, s);
-            vector = self
-                .run(async {
-                    let mut top = TopK::new(v, n as usize);
-                    let mut rows = qb.build_query_as::<(Uuid, Vec<f32>)>().fetch(&self.pool);
-                    while let Some((id, e)) = rows.try_next().await? {
-                        top.offer(id, &e);
-                    }
-                    Ok(top.into_sorted())
-                })
-                .await?;
+            vector = self.nearest(s, v, n).await?;
         }
         let fused = recall::fuse(&text, &vector, s.k);
         if fused.is_empty() {
