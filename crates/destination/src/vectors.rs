@@ -5,11 +5,14 @@
 //!
 //! Invariants:
 //! - **Never misses a committed row.** A shelf is registered before its load
-//!   reads the table, and writers add what they committed after committing,
-//!   under the shelf's lock (rows the load already read are not added twice).
+//!   reads the table, and writers add what they committed after committing
+//!   (rows the load also read are not added twice).
 //! - **Never holds a deleted row**: a forget removes its ids after its commit,
 //!   and adds and removes happen while the single writer connection is held,
-//!   so they follow commit order.
+//!   so they follow commit order. A removal while the shelf loads is
+//!   remembered and applied to what the load read.
+//! - **A load blocks no writer**: it reads into a shelf of its own, without the
+//!   registered shelf's lock, and swaps it in at the end (one load at a time).
 //! - SQLite only: it is embedded (one writer process); Postgres, shared by
 //!   several nodes, scans in the database instead.
 //!
@@ -18,7 +21,7 @@
 
 use crate::recall::{norm, TopK};
 use crate::{Entry, Search};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use tokio::sync::RwLock;
 use uuid::Uuid;
@@ -34,6 +37,8 @@ pub(crate) struct Shelf {
     pos: HashMap<Uuid, usize>,
     /// The load finished (until then a search must load it itself).
     pub loaded: bool,
+    /// Until loaded: ids removed since registration (the load may have read them).
+    removed: HashSet<Uuid>,
 }
 
 impl Shelf {
@@ -52,6 +57,9 @@ impl Shelf {
     }
 
     fn remove(&mut self, id: &Uuid, dims: usize) {
+        if !self.loaded {
+            self.removed.insert(*id);
+        }
         let Some(i) = self.pos.remove(id) else {
             return;
         };
@@ -67,6 +75,21 @@ impl Shelf {
         self.subjects.swap_remove(i);
         self.norms.swap_remove(i);
         self.data.truncate(last * dims);
+    }
+
+    /// End a load: `read` (what the load read, meanwhile, without this shelf's
+    /// lock) becomes the shelf, with what writers added to this one since it was
+    /// registered, and without what they removed.
+    pub fn finish_load(&mut self, mut read: Shelf, dims: usize) {
+        read.loaded = true;
+        for id in self.removed.drain() {
+            read.remove(&id, dims);
+        }
+        for (i, id) in self.ids.iter().enumerate() {
+            let v = &self.data[i * dims..(i + 1) * dims];
+            read.add(*id, self.at_us[i], self.subjects[i].as_deref(), v, dims);
+        }
+        *self = read;
     }
 
     /// The `n` most similar rows passing the search's filters.
@@ -97,6 +120,8 @@ type SharedShelf = Arc<RwLock<Shelf>>;
 #[derive(Default)]
 pub(crate) struct VectorIndex {
     shelves: Mutex<Shelves>,
+    /// Held by the one load running.
+    pub loading: tokio::sync::Mutex<()>,
 }
 
 impl VectorIndex {
@@ -156,6 +181,30 @@ impl VectorIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_load_keeps_rows_added_and_drops_rows_removed_while_it_read() {
+        let ids: Vec<Uuid> = (0..4).map(|_| Uuid::now_v7()).collect();
+        let v = |i: usize| [i as f32 + 1.0, 1.0];
+        // Registered: a writer adds 3 and removes 1 while the load reads.
+        let mut registered = Shelf::default();
+        registered.add(ids[3], 3, None, &v(3), 2);
+        registered.remove(&ids[1], 2);
+        // The load read 0, 1 (before its removal) and 2.
+        let mut read = Shelf::default();
+        for (i, id) in ids.iter().enumerate().take(3) {
+            read.add(*id, i as i64, None, &v(i), 2);
+        }
+        registered.finish_load(read, 2);
+        assert!(registered.loaded);
+        let mut held = registered.ids.clone();
+        held.sort();
+        assert_eq!(held, vec![ids[0], ids[2], ids[3]]);
+        // Loaded: a removal is a removal, nothing remembered.
+        registered.remove(&ids[0], 2);
+        assert!(registered.removed.is_empty());
+        assert_eq!(registered.ids.len(), 2);
+    }
 
     #[test]
     fn removing_keeps_every_other_vector_at_its_id() {

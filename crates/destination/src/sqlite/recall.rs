@@ -87,10 +87,10 @@ async fn delete_forgotten(
 }
 
 impl SqliteDestination {
-    /// Read every embedding of `source` with `dims` numbers into `shelf`
-    /// (registered already, so rows committed meanwhile are added by their
-    /// writers; see `vectors`).
-    async fn load_shelf(&self, shelf: &mut Shelf, source: &str, dims: usize) -> Result<()> {
+    /// Read every embedding of `source` with `dims` numbers into a new shelf
+    /// (its registered one gets what writers commit meanwhile; see `vectors`).
+    async fn read_shelf(&self, source: &str, dims: usize) -> Result<Shelf> {
+        let mut shelf = Shelf::default();
         let mut rows = sqlx::query_as::<_, (String, i64, Option<String>, Vec<u8>)>(
             "SELECT id, created_at, subject, embedding FROM spool_entries \
              WHERE source = ? AND length(embedding) = ?",
@@ -108,8 +108,7 @@ impl SqliteDestination {
             );
             shelf.add(self.uuid(&id)?, at, subject.as_deref(), &v, dims);
         }
-        shelf.loaded = true;
-        Ok(())
+        Ok(shelf)
     }
 
     pub(super) async fn known_ids(&self, source: &str, ids: &[Uuid]) -> Result<Vec<Uuid>> {
@@ -164,9 +163,10 @@ impl SqliteDestination {
         if let Some(v) = &s.embedding {
             let shelf = self.vectors.shelf(&s.source, v.len());
             if !shelf.read().await.loaded {
-                let mut sh = shelf.write().await;
-                if !sh.loaded {
-                    self.load_shelf(&mut sh, &s.source, v.len()).await?;
+                let _one = self.vectors.loading.lock().await;
+                if !shelf.read().await.loaded {
+                    let read = self.read_shelf(&s.source, v.len()).await?;
+                    shelf.write().await.finish_load(read, v.len());
                 }
             }
             vector = shelf.read().await.search(s, v, n);
