@@ -292,18 +292,38 @@ fn door_with(server_keys: &str) -> Door {
     Door::with_config(&format!("[server]\n{server_keys}\n"), "")
 }
 
+type Trickle = tokio::sync::mpsc::Sender<Result<Vec<u8>, std::io::Error>>;
+
 /// A write whose body arrives only when the returned sender says so.
-fn trickling_write() -> (
-    Request<Body>,
-    tokio::sync::mpsc::Sender<Result<Vec<u8>, std::io::Error>>,
-) {
+fn trickling_write() -> (Request<Body>, Trickle) {
+    trickling("/v1/default/entries")
+}
+
+/// A POST to `path` whose body arrives only when the returned sender says so.
+fn trickling(path: &str) -> (Request<Body>, Trickle) {
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-    let req = Request::post("/v1/default/entries")
+    let req = Request::post(path)
         .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
         .body(Body::from_stream(stream))
         .unwrap();
     (req, tx)
+}
+
+/// `/mcp` reads its body like every route: a slow one is 408 at
+/// `server.body_timeout`, not held for as long as the client likes.
+#[tokio::test(start_paused = true)]
+async fn an_mcp_body_slower_than_body_timeout_is_408() {
+    let door = door_with("body_timeout = \"2s\"");
+    let (req, tx) = trickling("/mcp");
+    tx.send(Ok(br#"{"jsonrpc":"2.0","#.to_vec())).await.unwrap();
+    let started = tokio::time::Instant::now();
+    let (status, v) = door.send(req).await;
+    assert_eq!(status, StatusCode::REQUEST_TIMEOUT, "{v}");
+    assert_eq!(v["error"], "request_timeout");
+    assert!(started.elapsed() < std::time::Duration::from_secs(3));
+    drop(tx);
 }
 
 /// `server.max_in_flight` requests at once; the next gets 503 `overloaded`

@@ -28,7 +28,7 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 use spool_wire::ReadParams;
 
-/// The source an `/mcp` request acts for (set by [`authenticate`]).
+/// The source an `/mcp` request acts for (set by [`admit`]).
 #[derive(Debug, Clone)]
 struct McpSource(String);
 
@@ -320,18 +320,33 @@ pub(crate) fn service(app: Arc<App>) -> StreamableHttpService<SpoolMcp, NeverSes
     )
 }
 
-/// Choose the source an `/mcp` request acts for, or answer 401/403.
-pub(crate) async fn authenticate(
+/// Choose the source an `/mcp` request acts for, or answer 401/403; then read
+/// its body as every route does (`server.max_body_bytes` → 413,
+/// `server.body_timeout` → 408), so a slow client holds nothing for long.
+pub(crate) async fn admit(
     State(app): State<Arc<App>>,
     q: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
-    mut req: Request,
+    req: Request,
     next: Next,
 ) -> Response {
     let named = q.ok().and_then(|Query(mut m)| m.remove("source"));
     match app.mcp_source(req.headers(), named.as_deref()) {
         Ok(source) => {
-            req.extensions_mut().insert(McpSource(source));
-            next.run(req).await
+            let (mut parts, body) = req.into_parts();
+            let server = &app.cfg.server;
+            let raw = match read_body(
+                &parts.headers,
+                body,
+                server.max_body_bytes,
+                server.body_timeout,
+            )
+            .await
+            {
+                Ok(raw) => raw,
+                Err(e) => return e.into_response(),
+            };
+            parts.extensions.insert(McpSource(source));
+            next.run(Request::from_parts(parts, Body::from(raw))).await
         }
         Err(e) => {
             let mut r = e.into_response();

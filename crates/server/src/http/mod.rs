@@ -181,10 +181,7 @@ pub fn router(app: Arc<App>) -> Router {
         .nest_service(
             "/mcp",
             tower::ServiceBuilder::new()
-                .layer(middleware::from_fn_with_state(
-                    app.clone(),
-                    mcp::authenticate,
-                ))
+                .layer(middleware::from_fn_with_state(app.clone(), mcp::admit))
                 .service(mcp::service(app.clone())),
         )
         .fallback(|| async { ApiError::not_found("no such route") })
