@@ -97,6 +97,9 @@ pub(crate) struct State {
     pub totals: Totals,
     /// Purged dead letters whose ENTRY record may still be retained.
     pub purged: BTreeSet<u64>,
+    /// Pending entries a tombstone ended (by id) since this WAL was opened, while
+    /// their ENTRY record may be retained: their receipts say forgotten.
+    pub ended_by_forget: BTreeSet<u64>,
     /// Retained TOMBSTONE records by LSN.
     pub tombstones: BTreeMap<u64, TombMeta>,
     /// Of the retained tombstones: ids forgotten, each with (source, tombstone LSN).
@@ -339,6 +342,7 @@ impl State {
             };
             if l < lsn && self.tracked.get(&l).is_some_and(|m| *m.source == t.source) {
                 self.remove(l);
+                self.ended_by_forget.insert(l);
                 self.totals.forgotten += 1;
             }
         }
@@ -465,11 +469,12 @@ impl State {
         self.prune_purged();
     }
 
-    /// Forget purged LSNs older than every retained segment (their ENTRY
-    /// records are gone, so nothing can replay them).
+    /// Forget purged (and forgotten) LSNs older than every retained segment
+    /// (their ENTRY records are gone, so nothing can replay them).
     pub fn prune_purged(&mut self) {
         let oldest = self.segments.keys().next().copied().unwrap_or(u64::MAX);
         self.purged = self.purged.split_off(&oldest);
+        self.ended_by_forget = self.ended_by_forget.split_off(&oldest);
     }
 
     /// The checkpoint describing this state (before a new segment is added to it).

@@ -417,6 +417,12 @@ impl Wal {
         self.shared.state().purged.contains(&lsn)
     }
 
+    /// Whether the entry at `lsn` was pending when a tombstone forgot it by id
+    /// (since this WAL was opened): it ended without being delivered.
+    pub fn ended_by_forget(&self, lsn: u64) -> bool {
+        self.shared.state().ended_by_forget.contains(&lsn)
+    }
+
     /// Discard dead letters: they become terminal without being delivered, and
     /// their segments may go. Returns the LSNs that were dead letters (others,
     /// pending or unknown, are ignored). Durable once it resolves.

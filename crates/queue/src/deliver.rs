@@ -89,6 +89,9 @@ impl Inner {
                 ReadBack::Gone => {
                     let outcome = match self.wal.status_of(lsn) {
                         Some(Tracked::Dead { reason, .. }) => Outcome::Failed { reason },
+                        _ if self.wal.ended_by_forget(lsn) => Outcome::Failed {
+                            reason: FORGOTTEN.into(),
+                        },
                         _ => Outcome::Delivered,
                     };
                     self.settle([lsn], &outcome);

@@ -5,7 +5,7 @@ use crate::engine::Inner;
 use crate::keys::Claim;
 use crate::lane::Lane;
 use crate::EntryStatus;
-use crate::{Accepted, IngestError, Outcome, Receipt};
+use crate::{Accepted, IngestError, Outcome, Receipt, FORGOTTEN};
 use spool_wal::Entry;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -219,6 +219,9 @@ impl Inner {
                         }
                         Some(EntryStatus::Purged) => Some(Outcome::Failed {
                             reason: PURGED.into(),
+                        }),
+                        None if self.wal.ended_by_forget(a.lsn) => Some(Outcome::Failed {
+                            reason: FORGOTTEN.into(),
                         }),
                         Some(EntryStatus::Delivered { .. }) | None => Some(Outcome::Delivered),
                     }
