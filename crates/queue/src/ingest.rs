@@ -6,10 +6,11 @@ use crate::keys::Claim;
 use crate::lane::Lane;
 use crate::EntryStatus;
 use crate::{Accepted, IngestError, Outcome, Receipt, FORGOTTEN};
-use spool_wal::Entry;
+use spool_wal::{Entry, WalError};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::oneshot;
 
 /// The failure reason a replay of a purged entry reports.
@@ -192,12 +193,28 @@ impl Inner {
             }
         }
         let res = self.wal.append_stamped(write).await;
-        self.wal_failing.store(res.is_err(), Ordering::Relaxed);
+        // The quota is a bound, like capacity, not a failing WAL.
+        let quota = matches!(res, Err(WalError::QuotaExceeded { .. }));
+        self.wal_failing
+            .store(res.is_err() && !quota, Ordering::Relaxed);
         res.map_err(|e| {
             for (l, m) in &need {
                 l.unreserve(*m);
             }
-            IngestError::from(e)
+            match e {
+                WalError::QuotaExceeded { used, limit } => {
+                    for e in write.iter() {
+                        self.observer.shed(&e.source, 1);
+                    }
+                    let retry_after = need.iter().map(|(l, _)| l.retry_after()).max();
+                    IngestError::WalFull {
+                        used,
+                        limit,
+                        retry_after: retry_after.unwrap_or(Duration::from_secs(1)),
+                    }
+                }
+                e => IngestError::from(e),
+            }
         })
     }
 

@@ -157,6 +157,17 @@ pub enum IngestError {
         /// Suggested wait, from the current drain rate.
         retry_after: Duration,
     },
+    /// The WAL is at `wal.max_bytes` and no delivered segment is left to
+    /// delete: the backlog waits on disk, up to the quota, like a full queue.
+    #[error("the WAL is at its quota ({used} of {limit} bytes); retry after {retry_after:?}")]
+    WalFull {
+        /// Bytes the WAL holds.
+        used: u64,
+        /// `wal.max_bytes`.
+        limit: u64,
+        /// Suggested wait, from the drain rate of the destinations written to.
+        retry_after: Duration,
+    },
     /// The engine is shutting down.
     #[error("shutting down")]
     Closed,

@@ -533,3 +533,69 @@ async fn a_queued_entry_whose_record_is_damaged_is_a_dead_letter_and_the_rest_ar
     assert_eq!(dead[0].lsn, accepted[1].lsn);
     engine.shutdown(Duration::from_secs(5)).await;
 }
+
+/// `wal.max_bytes` bounds the backlog an outage leaves on disk: at the quota
+/// a write is refused as a full queue (429, with a retry hint), nothing is
+/// written, the WAL is not "failing" (ready stays up); once deliveries resume
+/// and free space, writes go through again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wal_at_its_quota_refuses_like_a_full_queue_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let dest = Faulty::new("main");
+    dest.down.store(true, Ordering::SeqCst);
+    let config = WalConfig {
+        segment_bytes: 4096,
+        max_bytes: Some(16 * 1024),
+        ..WalConfig::default()
+    };
+    let engine = Engine::start(
+        Wal::open(dir.path(), config).unwrap(),
+        vec![dest.clone()],
+        cfg(),
+    )
+    .unwrap();
+    let mut n = 0;
+    let refused = loop {
+        n += 1;
+        assert!(n < 10_000, "the quota never refused a write");
+        match engine.ingest(vec![entry(n)], false).await {
+            Ok(_) => continue,
+            Err(e) => break e,
+        }
+    };
+    let IngestError::WalFull {
+        limit, retry_after, ..
+    } = refused
+    else {
+        panic!("{refused:?}")
+    };
+    assert_eq!(limit, 16 * 1024);
+    assert!(retry_after >= Duration::from_secs(1));
+    let before = engine.wal_status();
+    assert!(matches!(
+        engine.ingest(vec![entry(0)], false).await,
+        Err(IngestError::WalFull { .. })
+    ));
+    assert_eq!(
+        engine.wal_status().pending,
+        before.pending,
+        "a refused write was written"
+    );
+    let checks = engine.readiness().await;
+    let wal_check = checks.iter().find(|(name, _)| name == "wal").unwrap();
+    assert!(wal_check.1.is_ok(), "the quota made the WAL look failing");
+    // The destination is back: deliveries free segments, writes go through.
+    dest.down.store(false, Ordering::SeqCst);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match engine.ingest(vec![entry(0)], false).await {
+            Ok(_) => break,
+            Err(IngestError::WalFull { .. }) => {
+                assert!(std::time::Instant::now() < deadline, "writes never resumed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    engine.shutdown(Duration::from_secs(5)).await;
+}

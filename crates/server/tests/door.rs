@@ -410,3 +410,37 @@ async fn metrics_answer_the_format_the_scraper_asks_for() {
     assert!(ct.starts_with("application/openmetrics-text"), "{ct}");
     assert!(text.trim_end().ends_with("# EOF"));
 }
+
+/// The WAL at `wal.max_bytes` with nothing deliverable (its Postgres is
+/// unreachable): a write is 429 `queue_full` with Retry-After — the backlog's
+/// bound, like a full queue — and nothing is written.
+#[tokio::test]
+async fn a_wal_at_its_quota_is_429_queue_full_and_writes_nothing() {
+    let door = Door::with_config(
+        "",
+        "segment_bytes = \"16KiB\"\nmax_bytes = \"64KiB\"\n\
+         [[destination]]\nname = \"pg\"\nkind = \"postgres\"\n\
+         url = \"postgres://spool@127.0.0.1:1/unreachable\"\n",
+    );
+    let entry = format!(r#"{{"pad":"{}"}}"#, "x".repeat(2000));
+    let mut refused = None;
+    for _ in 0..200 {
+        let (status, v) = door.post("/v1/default/entries", entry.clone()).await;
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            refused = Some(v);
+            break;
+        }
+        assert_eq!(status, StatusCode::ACCEPTED, "{v}");
+    }
+    let v = refused.expect("the quota never refused a write");
+    assert_eq!(v["error"], "queue_full", "{v}");
+    assert!(
+        v["message"].as_str().unwrap().contains("wal.max_bytes"),
+        "{v}"
+    );
+    assert!(v["retry_after_seconds"].as_u64().unwrap() >= 1, "{v}");
+    let before = door.last_lsn();
+    let (status, _) = door.post("/v1/default/entries", entry).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(door.last_lsn(), before, "a refused write was written");
+}

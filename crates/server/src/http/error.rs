@@ -83,6 +83,17 @@ impl From<IngestError> for ApiError {
                 "the delivery queue is full; nothing was written",
             )
             .retry(retry_after.as_secs()),
+            IngestError::WalFull {
+                limit, retry_after, ..
+            } => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "queue_full",
+                format!(
+                    "the WAL is at wal.max_bytes ({limit} bytes) with entries waiting for \
+                     delivery; nothing was written"
+                ),
+            )
+            .retry(retry_after.as_secs()),
             IngestError::Closed => ApiError::unavailable("shutting down"),
             IngestError::LowDisk { .. } => ApiError::unavailable(
                 "free disk space under the WAL is below wal.min_free_bytes; nothing was written",
