@@ -53,7 +53,8 @@ pub async fn scrape(host: &str, port: u16) -> Result<Snapshot> {
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
     tokio::spawn(conn);
     let req = hyper::Request::get("/metrics")
-        .header("host", host)
+        // With the port: spool refuses a Host that is not its listen address.
+        .header("host", format!("{host}:{port}"))
         .body(http_body_util::Empty::<bytes::Bytes>::new())?;
     let resp = send.send_request(req).await?;
     let body = http_body_util::BodyExt::collect(resp.into_body())
