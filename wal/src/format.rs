@@ -10,7 +10,7 @@ use uuid::Uuid;
 /// First eight bytes of every segment file.
 pub const SEGMENT_MAGIC: [u8; 8] = *b"SPOOLWAL";
 /// Version of the segment and record format written by this build.
-pub const FORMAT_VERSION: u32 = 4;
+pub const FORMAT_VERSION: u32 = 5;
 /// Oldest format version this build reads (version 1 has no [`FRAME_FLAG_SYNCED`]
 /// and no segment list in its checkpoints; both read as absent).
 pub const MIN_READ_VERSION: u32 = 1;
@@ -151,7 +151,7 @@ pub struct Checkpoint {
     /// stays forgotten.
     pub tombstones: Vec<TombRef>,
     /// The highest accept or forget time (µs) stamped on a record before this
-    /// checkpoint (version 4; 0 when absent): stamps keep rising after a restart
+    /// checkpoint (version 5; 0 when absent): stamps keep rising after a restart
     /// even if the clock went back.
     pub stamp: i64,
 }
@@ -753,6 +753,7 @@ pub fn decode_record(kind: Kind, body: &[u8]) -> Result<Record, BodyError> {
                     });
                 }
             }
+            // Version 5: the highest stamp.
             let stamp = if c.buf.is_empty() { 0 } else { c.u64()? as i64 };
             Record::Checkpoint(Checkpoint {
                 pending,
@@ -901,6 +902,28 @@ mod tests {
                 matches!(parse_frame(&d), FrameParse::Bad(_)),
                 "flip at {i} accepted"
             );
+        }
+    }
+
+    #[test]
+    fn a_version_4_checkpoint_without_a_stamp_reads_as_stamp_zero() {
+        let cp = Checkpoint {
+            pending: vec![(3, 32)],
+            segments: Some(vec![1]),
+            tombstones: vec![TombRef {
+                lsn: 2,
+                offset: 90,
+                delivered: false,
+            }],
+            stamp: 77,
+            ..Checkpoint::default()
+        };
+        let mut body = Vec::new();
+        encode_checkpoint(&cp, &mut body);
+        body.truncate(body.len() - 8); // as version 4 wrote it
+        match decode_record(Kind::Checkpoint, &body).unwrap() {
+            Record::Checkpoint(got) => assert_eq!(got, Checkpoint { stamp: 0, ..cp }),
+            other => panic!("{other:?}"),
         }
     }
 

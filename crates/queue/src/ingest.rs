@@ -53,6 +53,7 @@ impl Inner {
         {
             return Err(IngestError::UnknownDestination(e.destination.clone()));
         }
+        let sources: Vec<String> = entries.iter().map(|e| e.source.clone()).collect();
         let claims = self.claim_keys(&entries).await;
         // Split: what is written, and how each entry of the call is answered.
         let mut write = Vec::new();
@@ -111,7 +112,7 @@ impl Inner {
             accepted.push(a);
         }
         let waiters = if track {
-            self.watch(&accepted)
+            self.watch(&accepted, &sources)
         } else {
             Vec::new()
         };
@@ -193,10 +194,11 @@ impl Inner {
             }
         }
         let res = self.wal.append_stamped(write).await;
-        // The quota is a bound, like capacity, not a failing WAL.
-        let quota = matches!(res, Err(WalError::QuotaExceeded { .. }));
-        self.wal_failing
-            .store(res.is_err() && !quota, Ordering::Relaxed);
+        // The quota is a bound, like capacity, not a failing WAL (nor a sign
+        // that an earlier failure is over: nothing was written).
+        if !matches!(res, Err(WalError::QuotaExceeded { .. })) {
+            self.wal_failing.store(res.is_err(), Ordering::Relaxed);
+        }
         res.map_err(|e| {
             for (l, m) in &need {
                 l.unreserve(*m);
@@ -206,7 +208,9 @@ impl Inner {
                     for e in write.iter() {
                         self.observer.shed(&e.source, 1);
                     }
-                    let retry_after = need.iter().map(|(l, _)| l.retry_after()).max();
+                    // Space comes back as the slowest backlog drains, whichever
+                    // destination this write was for.
+                    let retry_after = self.lanes.values().map(|l| l.retry_after()).max();
                     IngestError::WalFull {
                         used,
                         limit,
@@ -220,11 +224,12 @@ impl Inner {
 
     /// Receipt handles for `accepted`: entries in flight settle later; replays
     /// of entries already terminal settle now.
-    fn watch(&self, accepted: &[Accepted]) -> Vec<oneshot::Receiver<Outcome>> {
+    fn watch(&self, accepted: &[Accepted], sources: &[String]) -> Vec<oneshot::Receiver<Outcome>> {
         let mut w = self.waiters.lock().unwrap();
         accepted
             .iter()
-            .map(|a| {
+            .zip(sources)
+            .map(|(a, source)| {
                 let (tx, rx) = oneshot::channel();
                 // Under the waiters lock: workers record an outcome in the WAL
                 // before they settle, so "pending" here means it settles later.
@@ -237,9 +242,15 @@ impl Inner {
                         Some(EntryStatus::Purged) => Some(Outcome::Failed {
                             reason: PURGED.into(),
                         }),
-                        None if self.wal.ended_by_forget(a.lsn) => Some(Outcome::Failed {
-                            reason: FORGOTTEN.into(),
-                        }),
+                        // Forgotten by id: since this start, or by a retained
+                        // tombstone (after a restart).
+                        None if self.wal.ended_by_forget(a.lsn)
+                            || self.wal.forgot_id(source, a.id).is_some() =>
+                        {
+                            Some(Outcome::Failed {
+                                reason: FORGOTTEN.into(),
+                            })
+                        }
                         Some(EntryStatus::Delivered { .. }) | None => Some(Outcome::Delivered),
                     }
                 } else {

@@ -563,14 +563,10 @@ async fn a_wal_at_its_quota_refuses_like_a_full_queue_and_writes_nothing() {
             Err(e) => break e,
         }
     };
-    let IngestError::WalFull {
-        limit, retry_after, ..
-    } = refused
-    else {
+    let IngestError::WalFull { limit, .. } = refused else {
         panic!("{refused:?}")
     };
     assert_eq!(limit, 16 * 1024);
-    assert!(retry_after >= Duration::from_secs(1));
     let before = engine.wal_status();
     assert!(matches!(
         engine.ingest(vec![entry(0)], false).await,

@@ -394,3 +394,45 @@ async fn a_write_racing_a_subject_forget_is_not_deleted_when_the_tombstone_is_ap
     );
     engine.shutdown(Duration::from_secs(5)).await;
 }
+
+/// A keyed entry forgotten by id while pending, then a restart: a retry of
+/// the same key (answered from the persisted key index) is told the entry
+/// was forgotten, not that it was delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_a_restart_of_an_entry_forgotten_by_id_says_forgotten() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = || EngineConfig {
+        key_index: Some(dir.path().join("keys")),
+        ..cfg()
+    };
+    let down = Faulty::new("main");
+    down.down.store(true, Ordering::SeqCst);
+    let keyed = || {
+        let mut e = about(1, None);
+        e.idempotency_key = Some("k-1".into());
+        e
+    };
+    let wal = Wal::open(dir.path().join("wal"), WalConfig::default()).unwrap();
+    let engine = Engine::start(wal.clone(), vec![down.clone()], config()).unwrap();
+    let id = engine.ingest(vec![keyed()], false).await.unwrap().accepted[0].id;
+    engine
+        .forget("agents", "main", Forget::Ids(vec![id]))
+        .await
+        .unwrap();
+    // Recovery then starts from a checkpoint that no longer lists the entry.
+    wal.rotate().await.unwrap();
+    engine.shutdown(Duration::from_millis(200)).await;
+    drop(wal);
+
+    let wal = Wal::open(dir.path().join("wal"), WalConfig::default()).unwrap();
+    let engine = Engine::start(wal, vec![Faulty::new("main")], config()).unwrap();
+    let retry = engine.ingest(vec![keyed()], true).await.unwrap();
+    assert!(retry.accepted[0].replayed && retry.accepted[0].id == id);
+    assert_eq!(
+        retry.wait(Duration::from_secs(5)).await,
+        vec![Outcome::Failed {
+            reason: FORGOTTEN.into()
+        }]
+    );
+    engine.shutdown(Duration::from_secs(5)).await;
+}

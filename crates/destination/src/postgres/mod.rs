@@ -263,7 +263,9 @@ impl PostgresDestination {
         if found >= WORDS_MIGRATION as i64 {
             tokio::spawn(index_stragglers(self.pool.clone(), self.name.clone()));
         }
-        Ok(vector::probe(&self.pool, &self.name).await)
+        vector::probe(&self.pool, &self.name)
+            .await
+            .map_err(|e| self.err(e))
     }
 
     fn row(&self, r: &PgRow) -> StoredEntry {

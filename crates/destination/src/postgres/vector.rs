@@ -32,6 +32,9 @@ use uuid::Uuid;
 const MAX_VECTOR_DIMS: usize = 16_000;
 /// Most dimensions an HNSW index over `vector` takes.
 const MAX_INDEX_DIMS: usize = 2_000;
+/// How long after a failed (or someone else's unfinished) index build a
+/// search looks at the index again.
+const INDEX_RETRY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The `vector` extension as found in the server.
 #[derive(Debug)]
@@ -42,37 +45,47 @@ pub(super) struct Pgvector {
     indexing: Arc<Mutex<HashSet<usize>>>,
 }
 
-/// Find (or create) the `vector` extension. `None`: the exact path.
-pub(super) async fn probe(pool: &PgPool, name: &str) -> Option<Pgvector> {
-    let version = async {
-        let found: Option<String> =
-            sqlx::query_scalar("SELECT extversion FROM pg_extension WHERE extname = 'vector'")
-                .fetch_optional(pool)
-                .await?;
-        match found {
-            Some(v) => Ok(v),
-            None => {
-                pool.execute("CREATE EXTENSION IF NOT EXISTS vector")
-                    .await?;
-                sqlx::query_scalar("SELECT extversion FROM pg_extension WHERE extname = 'vector'")
-                    .fetch_one(pool)
-                    .await
-            }
-        }
+/// Find (or create) the `vector` extension. `Ok(None)`: the server cannot have
+/// it (no extension files, no right to create it) — the exact path. An error
+/// (connection lost, timeout) is an outage: the probe runs again at the next
+/// contact rather than settling on the slow path.
+pub(super) async fn probe(pool: &PgPool, name: &str) -> sqlx::Result<Option<Pgvector>> {
+    let installed = || {
+        sqlx::query_scalar::<_, String>(
+            "SELECT extversion FROM pg_extension WHERE extname = 'vector'",
+        )
+        .fetch_optional(pool)
     };
-    match version.await {
-        Ok(v) => {
-            tracing::info!(destination = %name, version = %v, "vector recall uses pgvector");
-            Some(Pgvector {
-                iterative: at_least(&v, (0, 8)),
-                indexing: Arc::default(),
-            })
-        }
-        Err(e) => {
-            tracing::info!(destination = %name, reason = %e, "pgvector not available: vector recall scans exactly in spool");
-            None
+    let mut version = installed().await?;
+    if version.is_none() {
+        match pool.execute("CREATE EXTENSION IF NOT EXISTS vector").await {
+            Ok(_) => version = installed().await?,
+            Err(e) => match sqlstate(&e).as_deref() {
+                // Another node created it meanwhile.
+                Some("23505" | "42710") => version = installed().await?,
+                // No extension files (58P01), not allowed (42501), not
+                // supported (0A000): the exact path.
+                Some("58P01" | "42501" | "0A000") => {
+                    tracing::info!(destination = %name, reason = %e, "pgvector not available: vector recall scans exactly in spool");
+                    return Ok(None);
+                }
+                _ => return Err(e),
+            },
         }
     }
+    Ok(version.map(|v| {
+        tracing::info!(destination = %name, version = %v, "vector recall uses pgvector");
+        Pgvector {
+            iterative: at_least(&v, (0, 8)),
+            indexing: Arc::default(),
+        }
+    }))
+}
+
+fn sqlstate(e: &sqlx::Error) -> Option<String> {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .map(|c| c.into_owned())
 }
 
 /// Whether a version string `major.minor[.patch]` is at least `want`.
@@ -98,32 +111,54 @@ impl PostgresDestination {
         n: i64,
     ) -> crate::Result<Vec<(Uuid, f32)>> {
         let dims = v.len();
-        match self.pgvector().await? {
-            Some(pv) if dims <= MAX_VECTOR_DIMS => {
-                if dims <= MAX_INDEX_DIMS && pv.indexing.lock().unwrap().insert(dims) {
-                    let (pool, name) = (self.pool.clone(), self.name.clone());
-                    let indexing = pv.indexing.clone();
-                    tokio::spawn(async move {
-                        if !build_index(pool, &name, dims).await {
-                            // The next search tries again.
-                            indexing.lock().unwrap().remove(&dims);
-                        }
-                    });
+        let Some(pv) = self.pgvector().await?.filter(|_| dims <= MAX_VECTOR_DIMS) else {
+            return self.run(exact(&self.pool, s, v, n)).await;
+        };
+        if dims <= MAX_INDEX_DIMS && pv.indexing.lock().unwrap().insert(dims) {
+            let (pool, name) = (self.pool.clone(), self.name.clone());
+            let indexing = pv.indexing.clone();
+            tokio::spawn(async move {
+                if !build_index(pool, &name, dims).await {
+                    // Not built (failed, or another session is building it):
+                    // a search a minute from now looks again.
+                    tokio::time::sleep(INDEX_RETRY).await;
+                    indexing.lock().unwrap().remove(&dims);
                 }
-                self.run(in_server(&self.pool, pv, s, v, n)).await
-            }
-            _ => self.run(exact(&self.pool, s, v, n)).await,
+            });
         }
+        let (pool, name) = (&self.pool, &self.name);
+        self.run(async move {
+            let hits = match in_server(pool, pv, s, v, n, true).await {
+                // The extension is there but its type or operator is not
+                // reachable (a schema off the search_path, dropped since).
+                Err(e) if matches!(sqlstate(&e).as_deref(), Some("42704" | "42883")) => {
+                    tracing::warn!(destination = %name, error = %e, "pgvector is not usable here; scanning exactly in spool");
+                    return exact(pool, s, v, n).await;
+                }
+                r => r?,
+            };
+            // The index scan stops early (pgvector < 0.8 at ef_search, 0.8 at
+            // max_scan_tuples): a source that is a small part of the rows can
+            // come back short. Short means "ask again, exactly".
+            if (hits.len() as i64) < n {
+                return in_server(pool, pv, s, v, n, false).await;
+            }
+            Ok(hits)
+        })
+        .await
     }
 }
 
-/// Rank in the server with pgvector (through the index once it is valid).
+/// Rank in the server with pgvector: through the index when `indexed` (once
+/// it is valid), else exactly (ordering by an expression the index does not
+/// have).
 async fn in_server(
     pool: &PgPool,
     pv: &Pgvector,
     s: &Search,
     v: &[f32],
     n: i64,
+    indexed: bool,
 ) -> sqlx::Result<Vec<(Uuid, f32)>> {
     let d = v.len();
     let mut tx = pool.begin().await?;
@@ -143,10 +178,13 @@ async fn in_server(
         .push(format!("::real[]::vector({d})))::real FROM spool_entries WHERE cardinality(embedding) = {d} AND source = "))
         .push_bind(s.source.as_str());
     push_filters(&mut qb, s);
+    // `(…) + 0` is not the index's expression: an exact scan in the server.
+    let (open, close) = if indexed { ("", "") } else { ("(", ") + 0") };
     qb.push(" ORDER BY ")
+        .push(open)
         .push(&distance)
         .push_bind(v.to_vec())
-        .push(format!("::real[]::vector({d}) LIMIT "))
+        .push(format!("::real[]::vector({d}){close} LIMIT "))
         .push_bind(n);
     let hits = qb.build_query_as().fetch_all(&mut *tx).await?;
     tx.commit().await?;
@@ -171,22 +209,31 @@ async fn exact(pool: &PgPool, s: &Search, v: &[f32], n: i64) -> sqlx::Result<Vec
 
 /// Build the HNSW index for `dims`, on a connection of its own without a
 /// statement timeout (a build over many rows takes long). An invalid index an
-/// interrupted build left is dropped and built again. Answers whether the index
-/// is there; a failure (a deadlock with a concurrent ANALYZE, another node's
-/// build racing this one, the server going away) is logged.
+/// interrupted build left is dropped and built again (not one another session
+/// is still building). Answers whether the index is there and valid; a failure
+/// (a deadlock with a concurrent ANALYZE, the server going away) is logged.
 async fn build_index(pool: PgPool, name: &str, dims: usize) -> bool {
     let index = index_name(dims);
     let build = async {
         let mut conn = PgConnection::connect_with(&pool.connect_options()).await?;
-        let valid: Option<bool> = sqlx::query_scalar(
-            "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass($1)",
-        )
-        .bind(&index)
-        .fetch_optional(&mut conn)
-        .await?;
-        match valid {
-            Some(true) => return Ok(()),
+        // Whatever the role, database or URL set: a build takes long.
+        conn.execute("SET statement_timeout = 0").await?;
+        match index_valid(&mut conn, &index).await? {
+            Some(true) => return Ok(true),
             Some(false) => {
+                // Another session (another node, or this one's build that
+                // outlived its connection) may still be building it.
+                let building: bool = sqlx::query_scalar(
+                    "SELECT EXISTS (SELECT 1 FROM pg_stat_progress_create_index \
+                     WHERE index_relid = to_regclass($1))",
+                )
+                .bind(&index)
+                .fetch_one(&mut conn)
+                .await?;
+                if building {
+                    return Ok(false);
+                }
+                // What an interrupted build left: drop it, build again.
                 conn.execute(format!("DROP INDEX CONCURRENTLY IF EXISTS {index}").as_str())
                     .await?;
             }
@@ -202,17 +249,29 @@ async fn build_index(pool: PgPool, name: &str, dims: usize) -> bool {
             .as_str(),
         )
         .await?;
-        tracing::info!(destination = %name, %index, elapsed_ms = started.elapsed().as_millis() as u64, "built the vector index");
+        // IF NOT EXISTS succeeds, doing nothing, while another session builds it.
+        let built = index_valid(&mut conn, &index).await? == Some(true);
+        if built {
+            tracing::info!(destination = %name, %index, elapsed_ms = started.elapsed().as_millis() as u64, "built the vector index");
+        }
         conn.close().await?;
-        Ok::<_, sqlx::Error>(())
+        Ok::<_, sqlx::Error>(built)
     };
     match build.await {
-        Ok(()) => true,
+        Ok(built) => built,
         Err(e) => {
-            tracing::warn!(destination = %name, %index, error = %e, "building the vector index failed; searches scan exactly in the server, and the next one tries again");
+            tracing::warn!(destination = %name, %index, error = %e, "building the vector index failed; searches scan exactly in the server, and one a minute from now tries again");
             false
         }
     }
+}
+
+/// Whether `index` is valid; `None` if there is no such index.
+async fn index_valid(conn: &mut PgConnection, index: &str) -> sqlx::Result<Option<bool>> {
+    sqlx::query_scalar("SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass($1)")
+        .bind(index)
+        .fetch_optional(conn)
+        .await
 }
 
 #[cfg(test)]

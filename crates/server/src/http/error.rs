@@ -89,8 +89,8 @@ impl From<IngestError> for ApiError {
                 StatusCode::TOO_MANY_REQUESTS,
                 "queue_full",
                 format!(
-                    "the WAL is at wal.max_bytes ({limit} bytes) with entries waiting for \
-                     delivery; nothing was written"
+                    "the WAL is at wal.max_bytes ({limit} bytes), held by entries waiting \
+                     for delivery or by dead letters; nothing was written"
                 ),
             )
             .retry(retry_after.as_secs()),

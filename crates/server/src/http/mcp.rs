@@ -345,6 +345,11 @@ pub(crate) async fn admit(
                 Ok(raw) => raw,
                 Err(e) => return e.into_response(),
             };
+            // The body is decoded now: say so to what reads it next.
+            parts.headers.remove(header::CONTENT_ENCODING);
+            parts
+                .headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(raw.len()));
             parts.extensions.insert(McpSource(source));
             next.run(Request::from_parts(parts, Body::from(raw))).await
         }
