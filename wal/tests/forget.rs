@@ -356,3 +356,63 @@ async fn stamps_rise_with_the_lsn_whatever_the_clock_and_across_restarts() {
         "a stamp after a restart went back below one before it"
     );
 }
+
+/// `spool wal compact` killed midway — the copy's creation, its write or its
+/// fdatasync failing (what a crash before the rename leaves) — changes
+/// nothing: the old segment is whole and verifies, and the next run erases.
+#[tokio::test]
+async fn a_compaction_that_fails_before_its_rename_leaves_the_segment_whole() {
+    use spool_wal::fault::{Fault, FaultIo, FaultOp};
+    for op in [FaultOp::Create, FaultOp::Write, FaultOp::Sync] {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = || WalConfig {
+            retention: Duration::from_secs(3600),
+            ..small(4096)
+        };
+        let wal = Wal::open(dir.path(), cfg()).unwrap();
+        let mut secret = with_subject(1, "alice");
+        secret.payload = br#"{"secret":"hunter1"}"#.to_vec();
+        let l = wal.append(&[secret]).await.unwrap();
+        wal.mark_delivered(&l).await.unwrap();
+        wal.forget(&mut by_subject("alice")).await.unwrap();
+        wal.rotate().await.unwrap();
+        wal.close();
+        drop(wal);
+        let on_disk = || {
+            segments(dir.path()).iter().any(|p| {
+                std::fs::read(p)
+                    .unwrap()
+                    .windows(7)
+                    .any(|w| w == b"hunter1")
+            })
+        };
+
+        let io = FaultIo::new();
+        let hooks = spool_wal::WalHooks {
+            io: std::sync::Arc::new(io.clone()),
+            ..spool_wal::WalHooks::default()
+        };
+        let wal = Wal::open_with(dir.path(), cfg(), hooks).unwrap();
+        io.fail(op, 0, Fault::Eio);
+        assert!(wal.compact().is_err(), "{op:?}: the fault was not hit");
+        wal.close();
+        drop(wal);
+        assert!(on_disk(), "{op:?}: the segment changed before the rename");
+        assert!(spool_wal::inspect::verify(dir.path()).unwrap().is_ok());
+
+        let wal = Wal::open(dir.path(), cfg()).unwrap();
+        assert_eq!(wal.compact().unwrap().entries_erased, 1, "{op:?}");
+        assert!(!on_disk(), "{op:?}");
+        let stray = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .path()
+                    .extension()
+                    .is_some_and(|x| x == "compact")
+            })
+            .count();
+        assert_eq!(stray, 0, "{op:?}: a .wal.compact file was left");
+    }
+}
