@@ -21,6 +21,20 @@ use anyhow::{Context, Result};
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// mimalloc asks for transparent huge pages on its arenas (madvise), so each
+/// thread's first allocations fault in whole 2 MiB pages: ~45 MiB of RSS at
+/// idle and ~80 MiB more under load, for no measured speed (docs/benchmarks.md,
+/// "Memory"). Off for the whole process, before any thread starts.
+#[allow(unsafe_code)] // one prctl(2); see below.
+fn no_huge_pages() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: prctl(PR_SET_THP_DISABLE) takes integers only and touches no memory
+    // of ours; a kernel without it answers EINVAL, which changes nothing.
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    }
+}
+
 use clap::{Parser, Subcommand, ValueEnum};
 use spool_server::config::{Config, ConfigError};
 use spool_server::http;
@@ -221,6 +235,7 @@ fn init_logs(format: LogFormat, default: &str) {
 }
 
 fn main() -> ExitCode {
+    no_huge_pages();
     let cli = Cli::parse();
     // `spool mcp` runs under an agent that shows stderr to people: quiet.
     let quiet = matches!(cli.cmd, Cmd::Mcp { .. });
