@@ -1,4 +1,5 @@
-//! Fault model test: random appends, markers, requeues, purges, rotations and retentions
+//! Fault model test: random appends, markers, requeues, purges, forgets (by id),
+//! rotations and retentions
 //! through the fault seam, with injected write, sync and truncate failures, and
 //! restarts after a clean close, a kill, or a power loss (unsynced bytes dropped at
 //! random, holes included). After every restart the WAL must open (a crash is never
@@ -26,6 +27,8 @@ enum Op {
     Fail(usize),
     Requeue(usize),
     Purge(usize),
+    /// Forget a pending entry by id (a TOMBSTONE, durable before it answers).
+    Forget(usize),
     Rotate,
     Retention,
     /// Arm a failure of the next call of this kind.
@@ -57,6 +60,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<usize>().prop_map(Op::Fail),
         1 => any::<usize>().prop_map(Op::Requeue),
         1 => any::<usize>().prop_map(Op::Purge),
+        1 => any::<usize>().prop_map(Op::Forget),
         1 => Just(Op::Rotate),
         1 => Just(Op::Retention),
         2 => (kind, fault).prop_map(|(k, f)| Op::Inject(k, f)),
@@ -76,6 +80,8 @@ enum St {
     Dead,
     /// A dead letter an operator purged: gone, and never to be replayed.
     Purged,
+    /// Forgotten by id while pending: gone, and never to be delivered.
+    Forgotten,
 }
 
 /// What the model knows of one entry: its status as acknowledged, and the older
@@ -83,6 +89,7 @@ enum St {
 #[derive(Debug)]
 struct Known {
     n: u64,
+    id: uuid::Uuid,
     st: St,
     undo: BTreeSet<St>,
 }
@@ -143,6 +150,24 @@ impl Model {
             .collect();
         assert_eq!(dead, self.with(St::Dead), "dead letters");
         self.check_purged(wal);
+        self.check_forgotten(wal);
+    }
+
+    /// Every entry forgotten is known forgotten (its tombstone is retained: never
+    /// applied here, so it pins its segment), and reads back as no longer pending.
+    fn check_forgotten(&self, wal: &Wal) {
+        for (lsn, k) in self.entries.iter().filter(|(_, k)| k.st == St::Forgotten) {
+            assert!(
+                wal.forgot_id("agents", k.id).is_some(),
+                "lsn {lsn}: forget lost"
+            );
+            let read = wal.read_queued(&[*lsn]);
+            assert!(
+                matches!(read[0].1, spool_wal::ReadBack::Gone),
+                "lsn {lsn}: a forgotten entry reads back as {:?}",
+                read[0].1
+            );
+        }
     }
 
     /// Every purged entry whose record is still in the WAL is known purged (so
@@ -172,7 +197,9 @@ impl Model {
             observed.insert(d.lsn, St::Dead);
         }
         for (lsn, k) in &mut self.entries {
-            let gone = if k.st == St::Purged || k.undo.contains(&St::Purged) {
+            let gone = if wal.forgot_id("agents", k.id).is_some() {
+                St::Forgotten
+            } else if k.st == St::Purged || k.undo.contains(&St::Purged) {
                 if wal.is_purged(*lsn) || k.st == St::Purged {
                     St::Purged
                 } else {
@@ -192,7 +219,8 @@ impl Model {
         }
         // Whatever is left was never acknowledged.
         for (lsn, st) in observed {
-            let n = payload_n(&wal.read_entries(&[lsn]).unwrap()[0].entry.payload);
+            let e = wal.read_entries(&[lsn]).unwrap().remove(0).entry;
+            let n = payload_n(&e.payload);
             let may = matches!(crash, Crash::Power(_)) || self.cut_may_fail;
             assert!(
                 may && self.undecided.contains(&n) && st == St::Pending,
@@ -202,6 +230,7 @@ impl Model {
                 lsn,
                 Known {
                     n,
+                    id: e.id,
                     st,
                     undo: BTreeSet::new(),
                 },
@@ -212,6 +241,7 @@ impl Model {
         self.cut_may_fail = false;
         self.poisoned = false;
         self.check_purged(wal);
+        self.check_forgotten(wal);
     }
 }
 
@@ -257,13 +287,14 @@ fn run(ops: Vec<Op>) {
                     n += k as u64;
                     match wal.append(&es).await {
                         Ok(lsns) => {
-                            for (l, n) in lsns.iter().zip(ns) {
+                            for ((l, n), e) in lsns.iter().zip(ns).zip(&es) {
                                 assert!(*l > m.max_acked_lsn, "LSN handed out again");
                                 m.max_acked_lsn = *l;
                                 m.entries.insert(
                                     *l,
                                     Known {
                                         n,
+                                        id: e.id,
                                         st: St::Pending,
                                         undo: BTreeSet::new(),
                                     },
@@ -328,6 +359,30 @@ fn run(ops: Vec<Op>) {
                             if m.refused(&e) {
                                 // Its record may have reached the disk.
                                 m.entries.get_mut(&l).unwrap().undo.insert(St::Purged);
+                            }
+                        }
+                    }
+                }
+                Op::Forget(i) => {
+                    let Some(l) = pick(m.with(St::Pending), &i) else {
+                        return;
+                    };
+                    let mut t = spool_wal::Tombstone {
+                        at_us: spool_wal::now_us(),
+                        source: "agents".into(),
+                        destination: "main".into(),
+                        ids: vec![m.entries[&l].id],
+                        subject: None,
+                    };
+                    match wal.forget(&mut t).await {
+                        Ok(_) => {
+                            m.set(l, St::Forgotten);
+                            m.barrier();
+                        }
+                        Err(e) => {
+                            if m.refused(&e) {
+                                // Its record may have reached the disk.
+                                m.entries.get_mut(&l).unwrap().undo.insert(St::Forgotten);
                             }
                         }
                     }
