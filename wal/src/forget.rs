@@ -12,8 +12,8 @@
 use crate::entry::{LoggedEntry, MAX_NAME_LEN};
 use crate::error::{Result, WalError};
 use crate::format::{self, Kind, Tombstone};
+use crate::inbox::Op;
 use crate::wal::Wal;
-use crate::writer::Op;
 use std::sync::Arc;
 use uuid::Uuid;
 

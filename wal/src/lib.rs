@@ -71,6 +71,7 @@ pub mod error;
 pub mod fault;
 mod forget;
 pub mod format;
+mod inbox;
 pub mod inspect;
 pub mod io;
 mod read;
