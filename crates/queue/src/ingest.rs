@@ -242,11 +242,9 @@ impl Inner {
                         Some(EntryStatus::Purged) => Some(Outcome::Failed {
                             reason: PURGED.into(),
                         }),
-                        // Forgotten by id: since this start, or by a retained
-                        // tombstone (after a restart).
-                        None if self.wal.ended_by_forget(a.lsn)
-                            || self.wal.forgot_id(source, a.id).is_some() =>
-                        {
+                        // Forgotten by id (a retained tombstone names it:
+                        // also after a restart).
+                        None if self.wal.forgot_id(source, a.id).is_some() => {
                             Some(Outcome::Failed {
                                 reason: FORGOTTEN.into(),
                             })

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use spool_destination::{Destination, Query, SqliteDestination};
+use spool_destination::{Destination, Query};
 use spool_queue::{backoff_delay, Engine, EngineConfig, IngestError, Outcome, Select};
 use spool_wal::{Wal, WalConfig};
 use std::sync::atomic::Ordering;
@@ -31,15 +31,7 @@ fn wal(dir: &std::path::Path) -> Wal {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_producers_are_delivered_to_sqlite_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
-    let db = Arc::new(
-        SqliteDestination::open(
-            "main",
-            &dir.path().join("spool.db"),
-            None,
-            spool_destination::DEFAULT_SQLITE_TIMEOUT,
-        )
-        .unwrap(),
-    );
+    let db = sqlite_in(dir.path());
     let engine = Engine::start(wal(&dir.path().join("wal")), vec![db.clone()], cfg()).unwrap();
     let mut tasks = Vec::new();
     for t in 0..16u64 {

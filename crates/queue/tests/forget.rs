@@ -4,10 +4,9 @@
 mod common;
 
 use async_trait::async_trait;
-use common::{entry, Faulty};
+use common::{entry, sqlite_in, Faulty};
 use spool_destination::{
-    Destination, DestinationError, Hit, Page, Query, Search, SqliteDestination, StoredEntry,
-    Tombstone,
+    Destination, DestinationError, Hit, Page, Query, Search, StoredEntry, Tombstone,
 };
 use spool_queue::{Engine, EngineConfig, Forget, ForgetError, Outcome, FORGOTTEN};
 use spool_wal::{Entry, LoggedEntry, Wal, WalConfig};
@@ -227,15 +226,7 @@ async fn an_entry_forgotten_while_it_is_being_written_is_deleted_after_the_write
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delivered_entry_is_deleted_from_sqlite_and_search_no_longer_finds_it() {
     let dir = tempfile::tempdir().unwrap();
-    let sqlite = Arc::new(
-        SqliteDestination::open(
-            "main",
-            &dir.path().join("spool.db"),
-            None,
-            spool_destination::DEFAULT_SQLITE_TIMEOUT,
-        )
-        .unwrap(),
-    );
+    let sqlite = sqlite_in(dir.path());
     let wal = Wal::open(dir.path().join("wal"), WalConfig::default()).unwrap();
     let engine = Engine::start(wal, vec![sqlite], cfg()).unwrap();
     let mut a = Entry::new(
@@ -358,15 +349,7 @@ async fn forgetting_a_forgotten_id_again_writes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_racing_a_subject_forget_is_not_deleted_when_the_tombstone_is_applied_again() {
     let dir = tempfile::tempdir().unwrap();
-    let sqlite = Arc::new(
-        SqliteDestination::open(
-            "main",
-            &dir.path().join("spool.db"),
-            None,
-            spool_destination::DEFAULT_SQLITE_TIMEOUT,
-        )
-        .unwrap(),
-    );
+    let sqlite = sqlite_in(dir.path());
     let wal = Wal::open(dir.path().join("wal"), WalConfig::default()).unwrap();
     let engine = Engine::start(wal.clone(), vec![sqlite.clone()], cfg()).unwrap();
     // Stamped by its request before the forget's...

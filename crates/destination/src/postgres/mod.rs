@@ -103,23 +103,33 @@ const SELECT: &str = "SELECT id, lsn, source, subject, idempotency_key, payload:
 const TS: &str = "(timestamptz 'epoch' + ";
 const TS_END: &str = " * interval '1 microsecond')";
 
-/// ` AND …` for a search's subject and time bounds.
-fn push_filters(qb: &mut QueryBuilder<'_, Postgres>, s: &Search) {
-    if let Some(subject) = &s.subject {
-        qb.push(" AND subject = ").push_bind(subject.clone());
+/// ` AND …` for a subject and a time range (a read's or a search's).
+fn push_bounds<'a>(
+    qb: &mut QueryBuilder<'a, Postgres>,
+    subject: Option<&'a str>,
+    since_us: Option<i64>,
+    until_us: Option<i64>,
+) {
+    if let Some(subject) = subject {
+        qb.push(" AND subject = ").push_bind(subject);
     }
-    if let Some(t) = s.since_us {
+    if let Some(t) = since_us {
         qb.push(" AND created_at >= ")
             .push(TS)
             .push_bind(t)
             .push(TS_END);
     }
-    if let Some(t) = s.until_us {
+    if let Some(t) = until_us {
         qb.push(" AND created_at < ")
             .push(TS)
             .push_bind(t)
             .push(TS_END);
     }
+}
+
+/// ` AND …` for a search's subject and time bounds.
+fn push_filters<'a>(qb: &mut QueryBuilder<'a, Postgres>, s: &'a Search) {
+    push_bounds(qb, s.subject.as_deref(), s.since_us, s.until_us);
 }
 
 mod vector;
@@ -448,21 +458,7 @@ impl Destination for PostgresDestination {
                     octet_length(payload::text)::int8 FROM spool_entries WHERE source = ",
         );
         qb.push_bind(q.source.as_str());
-        if let Some(s) = &q.subject {
-            qb.push(" AND subject = ").push_bind(s.as_str());
-        }
-        if let Some(t) = q.since_us {
-            qb.push(" AND created_at >= ")
-                .push(TS)
-                .push_bind(t)
-                .push(TS_END);
-        }
-        if let Some(t) = q.until_us {
-            qb.push(" AND created_at < ")
-                .push(TS)
-                .push_bind(t)
-                .push(TS_END);
-        }
+        push_bounds(&mut qb, q.subject.as_deref(), q.since_us, q.until_us);
         if let Some(c) = cursor {
             qb.push(" AND (created_at, id) < (")
                 .push(TS)

@@ -8,6 +8,7 @@ use spool_destination::{
 use spool_wal::{Entry, LoggedEntry};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
 use std::sync::Mutex;
 use uuid::Uuid;
 
@@ -182,5 +183,18 @@ pub fn poison(n: u64) -> Entry {
         "agents",
         "main",
         format!(r#"{{"n":{n},"x":"poison"}}"#).into_bytes(),
+    )
+}
+
+/// A real SQLite destination named `main` at DIR/spool.db.
+pub fn sqlite_in(dir: &std::path::Path) -> Arc<spool_destination::SqliteDestination> {
+    Arc::new(
+        spool_destination::SqliteDestination::open(
+            "main",
+            &dir.join("spool.db"),
+            None,
+            spool_destination::DEFAULT_SQLITE_TIMEOUT,
+        )
+        .unwrap(),
     )
 }
