@@ -2,9 +2,11 @@
 //!
 //! One writer connection (SQLite has one writer at a time anyway; a single
 //! connection avoids SQLITE_BUSY between our own writers) and a small pool of
-//! readers, all in WAL journal mode with `synchronous=FULL`. A batch is one
-//! transaction of multi-row `INSERT … ON CONFLICT DO NOTHING` statements (the
-//! conflict is the id, or the unique (source, idempotency_key)). Connections are
+//! readers, all in WAL journal mode. A batch is one transaction of multi-row
+//! `INSERT … ON CONFLICT DO NOTHING` statements (the conflict is the id, or the
+//! unique (source, idempotency_key)), committed with `synchronous=NORMAL` and
+//! answered once a sync of the `-wal` file covers it ([`durable`]: several
+//! workers' commits share one sync, and the writer is free during it). Connections are
 //! made, and the schema migrated, at the first use, so a database that cannot be
 //! opened yet (locked, read-only, disk full) is an outage, not a failed start. A
 //! contentless FTS5 table indexes the words of each payload's string values
@@ -16,6 +18,7 @@ use crate::query::{fitting, Query};
 use crate::recall::{to_le_bytes, Hit, Search};
 use crate::vectors::VectorIndex;
 
+mod durable;
 mod recall;
 use crate::words::{fts5_query, payload_words, query_words};
 use crate::{
@@ -30,7 +33,6 @@ use sqlx::sqlite::{
     SqliteSynchronous,
 };
 use sqlx::{Executor, QueryBuilder, Row, Sqlite};
-use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 use tokio::sync::OnceCell;
@@ -99,7 +101,7 @@ const MIGRATIONS: &[&str] = &[
 /// The migration after which existing rows' words are indexed from Rust.
 const WORDS_MIGRATION: usize = 3;
 
-/// Rows per INSERT statement (9 parameters each; SQLite allows 32766).
+/// Rows per INSERT statement (10 parameters each; SQLite allows 32766).
 const ROWS_PER_STATEMENT: usize = 500;
 
 /// The SQLite destination.
@@ -111,7 +113,16 @@ pub struct SqliteDestination {
     migrated: OnceCell<()>,
     /// Embeddings in memory, per source searched by vector.
     vectors: VectorIndex,
+    /// Commits answered once on disk.
+    durable: durable::GroupSync,
+    /// Runs SQLite's checkpoints, so that the writer does not.
+    checkpointer: SqlitePool,
+    checkpointing: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
+
+/// A passive checkpoint is started after this many commits (of up to
+/// [`ROWS_PER_STATEMENT`] rows each), when none is running.
+const COMMITS_PER_CHECKPOINT: u64 = 8;
 
 impl SqliteDestination {
     /// The database at `path` (created if missing, with its directory), connected
@@ -133,20 +144,27 @@ impl SqliteDestination {
             .filename(path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
+            // Commits are made durable by `durable` (a sync of the -wal file).
+            .synchronous(SqliteSynchronous::Normal)
             // A forgotten row's bytes are zeroed in the file, not left in free pages.
             .pragma("secure_delete", "ON")
             .busy_timeout(busy_timeout);
         Ok(SqliteDestination {
             name: name.to_owned(),
+            // The writer checkpoints only if the checkpointer falls far behind.
             writer: SqlitePoolOptions::new()
                 .max_connections(1)
+                .connect_lazy_with(opts.clone().pragma("wal_autocheckpoint", "20000")),
+            checkpointer: SqlitePoolOptions::new()
+                .max_connections(1)
                 .connect_lazy_with(opts.clone()),
+            checkpointing: Default::default(),
             readers: SqlitePoolOptions::new()
                 .max_connections(readers.unwrap_or(4).max(1))
                 .connect_lazy_with(opts.read_only(true).create_if_missing(false)),
             migrated: OnceCell::new(),
             vectors: VectorIndex::default(),
+            durable: durable::GroupSync::new(path),
         })
     }
 
@@ -160,6 +178,54 @@ impl SqliteDestination {
 
     fn err(&self, e: sqlx::Error) -> DestinationError {
         classify(&self.name, e)
+    }
+
+    fn unavailable(&self, message: String) -> DestinationError {
+        DestinationError::Unavailable {
+            destination: self.name.clone(),
+            message,
+        }
+    }
+
+    /// Refused once a sync has failed (see [`durable`]).
+    fn writable(&self) -> Result<()> {
+        match self.durable.failed() {
+            Some(why) => Err(self.unavailable(why.to_owned())),
+            None => Ok(()),
+        }
+    }
+
+    /// Wait until the commit just made (with the writer held or not) is on
+    /// disk; now and then start a checkpoint beside the writer.
+    async fn synced(&self, ticket: u64) -> Result<()> {
+        self.durable
+            .durable(ticket)
+            .await
+            .map_err(|why| self.unavailable(why))?;
+        if ticket % COMMITS_PER_CHECKPOINT == 0 {
+            self.checkpoint();
+        }
+        Ok(())
+    }
+
+    /// A passive checkpoint on its own connection (copies committed pages into
+    /// the database while the writer goes on; it never blocks the writer).
+    fn checkpoint(&self) {
+        use std::sync::atomic::Ordering;
+        if self.checkpointing.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let (pool, running) = (self.checkpointer.clone(), self.checkpointing.clone());
+        let name = self.name.clone();
+        tokio::spawn(async move {
+            if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+                .execute(&pool)
+                .await
+            {
+                tracing::debug!(destination = %name, "checkpoint: {e}");
+            }
+            running.store(false, Ordering::SeqCst);
+        });
     }
 
     async fn migrate(&self) -> Result<()> {
@@ -253,42 +319,57 @@ async fn backfill_words(conn: &mut sqlx::SqliteConnection) -> sqlx::Result<()> {
             .into_iter()
             .map(|(rowid, p)| (rowid, payload_words(p.as_bytes())))
             .collect();
+        let words: Vec<(i64, &str)> = words.iter().map(|(r, w)| (*r, w.as_str())).collect();
         index_words(conn, &words).await?;
     }
 }
 
 /// Add rows' words (rowid, words) to the full-text index.
-async fn index_words(
-    conn: &mut sqlx::SqliteConnection,
-    rows: &[(i64, String)],
-) -> sqlx::Result<()> {
+async fn index_words(conn: &mut sqlx::SqliteConnection, rows: &[(i64, &str)]) -> sqlx::Result<()> {
     for chunk in rows.chunks(ROWS_PER_STATEMENT) {
         let mut qb: QueryBuilder<Sqlite> =
             QueryBuilder::new("INSERT INTO spool_entries_words (rowid, words) ");
         qb.push_values(chunk, |mut b, (rowid, words)| {
-            b.push_bind(*rowid).push_bind(words.as_str());
+            b.push_bind(*rowid).push_bind(*words);
         });
         qb.build().execute(&mut *conn).await?;
     }
     Ok(())
 }
 
-/// Insert a batch in one transaction, with its words; answers the LSNs of the
-/// rows inserted (not those already held).
+/// Insert a batch in one transaction, with its words (`words[i]` are
+/// `batch[i]`'s); answers which entries were inserted (not already held).
+///
+/// Rows get explicit rowids past the table's highest (this connection is the
+/// only writer, inside its transaction), so a row's words are indexed by the
+/// rowid it was given, without a row coming back per entry. An entry skipped as
+/// a conflict (its id, or its source's key, already held) leaves its rowid
+/// unused; only when a statement inserted fewer rows than it carried are the
+/// rowids that exist looked up.
 async fn insert(
     conn: &mut sqlx::SqliteConnection,
     batch: &[LoggedEntry],
-) -> sqlx::Result<std::collections::HashSet<u64>> {
+    words: &[String],
+) -> sqlx::Result<Vec<bool>> {
     use sqlx::Connection;
     let now = spool_wal::now_us();
-    let mut inserted = std::collections::HashSet::new();
+    let mut inserted = Vec::with_capacity(batch.len());
     let mut tx = conn.begin().await?;
-    for chunk in batch.chunks(ROWS_PER_STATEMENT) {
-        let mut qb: QueryBuilder<Sqlite> =
-            QueryBuilder::new(format!("INSERT INTO spool_entries ({COLUMNS}, embedding) "));
+    let mut next: i64 = sqlx::query_scalar("SELECT coalesce(max(rowid), 0) + 1 FROM spool_entries")
+        .fetch_one(&mut *tx)
+        .await?;
+    for (chunk, words) in batch
+        .chunks(ROWS_PER_STATEMENT)
+        .zip(words.chunks(ROWS_PER_STATEMENT))
+    {
+        let first = next;
+        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(format!(
+            "INSERT INTO spool_entries (rowid, {COLUMNS}, embedding) "
+        ));
         qb.push_values(chunk, |mut b, le| {
             let e = &le.entry;
-            b.push_bind(e.id.hyphenated().to_string())
+            b.push_bind(next)
+                .push_bind(e.id.hyphenated().to_string())
                 .push_bind(le.lsn as i64)
                 .push_bind(e.source.as_str())
                 .push_bind(e.subject.as_deref())
@@ -298,22 +379,33 @@ async fn insert(
                 .push_bind(e.accepted_at_us)
                 .push_bind(now)
                 .push_bind(e.embedding.as_deref().map(to_le_bytes));
+            next += 1;
         });
-        // Rows skipped as conflicts are not returned: only new rows are indexed.
-        qb.push(" ON CONFLICT DO NOTHING RETURNING rowid, lsn");
-        let new: Vec<(i64, i64)> = qb.build_query_as().fetch_all(&mut *tx).await?;
-        inserted.extend(new.iter().map(|(_, lsn)| *lsn as u64));
-        // A batch comes from one WAL: its LSNs are distinct.
-        let by_lsn: HashMap<u64, &LoggedEntry> = chunk.iter().map(|le| (le.lsn, le)).collect();
-        let words: Vec<(i64, String)> = new
-            .into_iter()
-            .filter_map(|(rowid, lsn)| {
-                let le = by_lsn.get(&(lsn as u64))?;
-                let words = payload_words(&le.entry.payload);
-                (!words.is_empty()).then_some((rowid, words))
-            })
+        qb.push(" ON CONFLICT DO NOTHING");
+        let done = qb.build().execute(&mut *tx).await?.rows_affected();
+        let held: Vec<bool> = if done == chunk.len() as u64 {
+            vec![true; chunk.len()]
+        } else {
+            // Some were conflicts: which rowids were used?
+            let used: std::collections::HashSet<i64> =
+                sqlx::query_scalar("SELECT rowid FROM spool_entries WHERE rowid BETWEEN ? AND ?")
+                    .bind(first)
+                    .bind(next - 1)
+                    .fetch_all(&mut *tx)
+                    .await?
+                    .into_iter()
+                    .collect();
+            (first..next).map(|r| used.contains(&r)).collect()
+        };
+        let indexed: Vec<(i64, &str)> = held
+            .iter()
+            .zip(words)
+            .zip(first..)
+            .filter(|((held, w), _)| **held && !w.is_empty())
+            .map(|((_, w), rowid)| (rowid, w.as_str()))
             .collect();
-        index_words(&mut tx, &words).await?;
+        index_words(&mut tx, &indexed).await?;
+        inserted.extend(held);
     }
     tx.commit().await?;
     Ok(inserted)
@@ -333,20 +425,30 @@ impl Destination for SqliteDestination {
             return Ok(0);
         }
         screen(&self.name, batch, false)?;
+        self.writable()?;
         self.ready().await?;
+        // Computed before the writer is taken: another worker's batch commits
+        // meanwhile.
+        let words: Vec<String> = batch
+            .iter()
+            .map(|le| payload_words(&le.entry.payload))
+            .collect();
         let mut conn = self.writer.acquire().await.map_err(|e| self.err(e))?;
-        match insert(&mut conn, batch).await {
+        match insert(&mut conn, batch, &words).await {
             Ok(inserted) => {
+                let ticket = self.durable.committed();
                 // The index is updated while the (single) writer is held, so
                 // its updates follow commit order (a forget cannot slip between).
                 let written: Vec<&Entry> = batch
                     .iter()
-                    .filter(|le| inserted.contains(&le.lsn))
-                    .map(|le| &le.entry)
+                    .zip(&inserted)
+                    .filter(|(_, new)| **new)
+                    .map(|(le, _)| &le.entry)
                     .collect();
                 self.vectors.added(&written).await;
                 drop(conn);
-                Ok(batch.len() as u64 - (inserted.len() as u64).min(batch.len() as u64))
+                self.synced(ticket).await?;
+                Ok((batch.len() - written.len()) as u64)
             }
             Err(e) => {
                 let e = self.err(e);
@@ -456,6 +558,7 @@ impl Destination for SqliteDestination {
     /// to the busy timeout) and gives it back. A read-only file, a missing table
     /// or another writer holding the lock past the timeout fail it.
     async fn health(&self) -> Result<()> {
+        self.writable()?;
         self.ready().await?;
         let mut conn = self.writer.acquire().await.map_err(|e| self.err(e))?;
         let probe = async {
@@ -477,6 +580,7 @@ impl Destination for SqliteDestination {
     }
 
     async fn close(&self) {
+        self.checkpointer.close().await;
         self.writer.close().await;
         self.readers.close().await;
     }
