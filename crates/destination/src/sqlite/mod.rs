@@ -202,7 +202,7 @@ impl SqliteDestination {
             .durable(ticket)
             .await
             .map_err(|why| self.unavailable(why))?;
-        if ticket % COMMITS_PER_CHECKPOINT == 0 {
+        if ticket.is_multiple_of(COMMITS_PER_CHECKPOINT) {
             self.checkpoint();
         }
         Ok(())
