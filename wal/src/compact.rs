@@ -87,7 +87,7 @@ impl Wal {
                         return Err(corrupt(pos, "incomplete frame in a sealed segment"))
                     }
                 };
-                if f.kind == Kind::Entry && !st.tracked.contains_key(&f.lsn) {
+                if f.kind == Kind::Entry && !st.tracked.contains(f.lsn) {
                     let e = format::decode_entry_ref(f.body).map_err(|e| corrupt(pos, e.0))?;
                     if st.forgets(f.lsn, e.source, e.id, e.subject, e.accepted_at_us) {
                         targets.push((pos, f.body.len()));

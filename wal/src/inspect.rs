@@ -144,11 +144,7 @@ pub fn stats(dir: impl AsRef<Path>) -> Result<WalStats> {
         pending: st.pending,
         delivered: st.totals.delivered,
         failed: st.dead,
-        oldest_pending_lsn: st
-            .tracked
-            .iter()
-            .find(|(_, m)| m.status == Tracked::Pending)
-            .map(|(l, _)| *l),
+        oldest_pending_lsn: st.tracked.oldest_pending(),
     })
 }
 
@@ -201,7 +197,7 @@ pub fn inspect(dir: impl AsRef<Path>, from: u64, limit: usize) -> Result<Vec<Rec
         match rec {
             Record::Entry(e) => {
                 info.id = Some(e.id);
-                info.status = Some(match st.tracked.get(&lsn).map(|m| &m.status) {
+                info.status = Some(match st.tracked.get(lsn).map(|m| m.status()) {
                     Some(Tracked::Pending) => "pending",
                     Some(Tracked::Dead { .. }) => "failed",
                     None if st.purged.contains(&lsn) => "purged",

@@ -79,6 +79,7 @@ pub mod reader;
 mod recovery;
 mod segment;
 mod state;
+mod tracked;
 mod wal;
 mod writer;
 

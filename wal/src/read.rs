@@ -47,10 +47,11 @@ impl Wal {
         }
         let st = self.shared.state();
         st.tracked
-            .range(after + 1..=upto)
-            .filter(|(_, m)| m.status == Tracked::Pending && &*m.destination == destination)
+            .iter_from(after + 1)
+            .take_while(|m| m.lsn <= upto)
+            .filter(|m| m.is_pending() && &**m.destination == destination)
             .take(limit)
-            .map(|(l, _)| *l)
+            .map(|m| m.lsn)
             .collect()
     }
 
@@ -69,8 +70,8 @@ impl Wal {
                 .filter_map(|&l| {
                     let place = st
                         .tracked
-                        .get(&l)
-                        .filter(|m| m.status == Tracked::Pending)
+                        .get(l)
+                        .filter(|m| m.is_pending())
                         .and_then(|m| Some((st.segment_of(l)?, m.offset)));
                     match place {
                         Some((seg, off)) => {
@@ -129,8 +130,8 @@ impl Wal {
     pub fn pending_count_for(&self, destination: &str) -> u64 {
         let st = self.shared.state();
         st.tracked
-            .values()
-            .filter(|m| m.status == Tracked::Pending && &*m.destination == destination)
+            .iter()
+            .filter(|m| m.is_pending() && &**m.destination == destination)
             .count() as u64
     }
 
@@ -142,7 +143,7 @@ impl Wal {
             let mut v: Vec<_> = lsns
                 .iter()
                 .filter_map(|l| {
-                    let m = st.tracked.get(l)?;
+                    let m = st.tracked.get(*l)?;
                     Some((*l, st.segment_of(*l)?, m.offset))
                 })
                 .collect();
@@ -161,10 +162,10 @@ impl Wal {
         let wanted: Vec<(u64, u64, u64)> = {
             let st = self.shared.state();
             st.tracked
-                .range(after.saturating_add(1)..)
-                .filter(|(_, m)| keep(&m.status))
+                .iter_from(after.saturating_add(1))
+                .filter(|m| keep(&m.status()))
                 .take(limit)
-                .filter_map(|(l, m)| Some((*l, st.segment_of(*l)?, m.offset)))
+                .filter_map(|m| Some((m.lsn, st.segment_of(m.lsn)?, m.offset)))
                 .collect()
         };
         self.read_at(&wanted)

@@ -5,7 +5,8 @@
 //! frame, so what a restart rebuilds is by construction what the running process had.
 
 use crate::format::{self, BodyError, Checkpoint, DeadRef, Kind, Record, TombRef, Tombstone};
-use rustc_hash::{FxHashMap, FxHashSet};
+use crate::tracked::TrackedMap;
+use rustc_hash::FxHashMap;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -23,16 +24,6 @@ pub enum Tracked {
         /// Why it failed.
         reason: String,
     },
-}
-
-/// A not-yet-delivered entry and where its record lies.
-#[derive(Debug, Clone)]
-pub(crate) struct Meta {
-    pub id: Uuid,
-    pub source: Arc<str>,
-    pub destination: Arc<str>,
-    pub offset: u64,
-    pub status: Tracked,
 }
 
 /// What the state knows of one segment.
@@ -88,10 +79,9 @@ type SubjectTombstones = FxHashMap<Box<str>, Vec<(i64, u64)>>;
 
 #[derive(Debug, Default)]
 pub(crate) struct State {
-    pub tracked: BTreeMap<u64, Meta>,
+    pub tracked: TrackedMap,
     pub by_id: FxHashMap<Uuid, u64>,
     pub segments: BTreeMap<u64, SegInfo>,
-    names: FxHashSet<Arc<str>>,
     pub pending: u64,
     pub dead: u64,
     pub totals: Totals,
@@ -113,15 +103,6 @@ pub(crate) struct State {
 }
 
 impl State {
-    fn intern(&mut self, s: &str) -> Arc<str> {
-        if let Some(a) = self.names.get(s) {
-            return a.clone();
-        }
-        let a: Arc<str> = Arc::from(s);
-        self.names.insert(a.clone());
-        a
-    }
-
     /// First LSN of the segment holding `lsn`.
     pub fn segment_of(&self, lsn: u64) -> Option<u64> {
         self.segments.range(..=lsn).next_back().map(|(k, _)| *k)
@@ -142,18 +123,14 @@ impl State {
     ) -> Result<(), BodyError> {
         let e = format::decode_entry_ref(body)?;
         self.stamp = self.stamp.max(e.accepted_at_us);
-        let meta = Meta {
-            id: e.id,
-            source: self.intern(e.source),
-            destination: self.intern(e.destination),
-            offset,
-            status,
-        };
-        let pending = meta.status == Tracked::Pending;
-        self.by_id.insert(meta.id, lsn);
-        if let Some(old) = self.tracked.insert(lsn, meta) {
+        let pending = status == Tracked::Pending;
+        self.by_id.insert(e.id, lsn);
+        let old = self
+            .tracked
+            .insert(lsn, e.id, offset, e.source, e.destination, status);
+        if let Some(old) = old {
             // Only a forged log repeats an LSN; keep counts honest anyway.
-            self.forget_counts(lsn, &old.status);
+            self.forget_counts(lsn, &old);
         }
         self.seg_live(lsn, 1);
         if pending {
@@ -184,10 +161,10 @@ impl State {
 
     /// Drop an entry from tracking (delivered).
     fn remove(&mut self, lsn: u64) -> bool {
-        match self.tracked.remove(&lsn) {
-            Some(m) => {
-                self.by_id.remove(&m.id);
-                self.forget_counts(lsn, &m.status);
+        match self.tracked.remove(lsn) {
+            Some((id, status)) => {
+                self.by_id.remove(&id);
+                self.forget_counts(lsn, &status);
                 true
             }
             None => false,
@@ -236,11 +213,7 @@ impl State {
                 }
                 Record::Purged(lsns) => {
                     for l in lsns {
-                        if self
-                            .tracked
-                            .get(&l)
-                            .is_some_and(|m| m.status != Tracked::Pending)
-                        {
+                        if self.tracked.get(l).is_some_and(|m| !m.is_pending()) {
                             self.remove(l);
                             self.purged.insert(l);
                         }
@@ -256,23 +229,18 @@ impl State {
     }
 
     fn mark_dead(&mut self, lsn: u64, attempts: u32, reason: String) {
-        let Some(m) = self.tracked.get_mut(&lsn) else {
-            return;
-        };
-        let was_pending = m.status == Tracked::Pending;
-        m.status = Tracked::Dead { attempts, reason };
-        if was_pending {
+        let old = self
+            .tracked
+            .set_status(lsn, Tracked::Dead { attempts, reason });
+        if old == Some(Tracked::Pending) {
             self.pending -= 1;
             self.dead += 1;
         }
     }
 
     fn requeue(&mut self, lsn: u64) {
-        let Some(m) = self.tracked.get_mut(&lsn) else {
-            return;
-        };
-        if matches!(m.status, Tracked::Dead { .. }) {
-            m.status = Tracked::Pending;
+        if self.tracked.get(lsn).is_some_and(|m| !m.is_pending()) {
+            self.tracked.set_status(lsn, Tracked::Pending);
             self.dead -= 1;
             self.pending += 1;
         }
@@ -290,8 +258,9 @@ impl State {
             .collect();
         let gone: Vec<u64> = self
             .tracked
-            .range(..cp_lsn)
-            .map(|(l, _)| *l)
+            .iter()
+            .map(|m| m.lsn)
+            .take_while(|l| *l < cp_lsn)
             .filter(|l| !listed.contains(l))
             .collect();
         for l in gone {
@@ -300,7 +269,7 @@ impl State {
             }
         }
         for d in &cp.dead {
-            if self.tracked.get(&d.lsn).map(|m| &m.status) == Some(&Tracked::Pending) {
+            if self.tracked.get(d.lsn).is_some_and(|m| m.is_pending()) {
                 self.mark_dead(d.lsn, d.attempts, d.reason.clone());
             }
         }
@@ -340,7 +309,7 @@ impl State {
             let Some(&l) = self.by_id.get(id) else {
                 continue;
             };
-            if l < lsn && self.tracked.get(&l).is_some_and(|m| *m.source == t.source) {
+            if l < lsn && self.tracked.get(l).is_some_and(|m| **m.source == t.source) {
                 self.remove(l);
                 self.ended_by_forget.insert(l);
                 self.totals.forgotten += 1;
@@ -375,7 +344,7 @@ impl State {
     }
 
     fn index_forgotten(&mut self, lsn: u64, t: &Tombstone) {
-        let source = self.intern(&t.source);
+        let source = self.tracked.intern(&t.source);
         for id in &t.ids {
             self.forgotten_ids
                 .entry(*id)
@@ -494,14 +463,14 @@ impl State {
             stamp: self.stamp,
             ..Checkpoint::default()
         };
-        for (lsn, m) in &self.tracked {
-            match &m.status {
-                Tracked::Pending => cp.pending.push((*lsn, m.offset)),
+        for m in self.tracked.iter() {
+            match m.status() {
+                Tracked::Pending => cp.pending.push((m.lsn, m.offset)),
                 Tracked::Dead { attempts, reason } => cp.dead.push(DeadRef {
-                    lsn: *lsn,
+                    lsn: m.lsn,
                     offset: m.offset,
-                    attempts: *attempts,
-                    reason: reason.clone(),
+                    attempts,
+                    reason,
                 }),
             }
         }

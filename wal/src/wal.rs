@@ -438,7 +438,7 @@ impl Wal {
             let st = self.shared.state();
             lsns.iter()
                 .copied()
-                .filter(|l| matches!(st.tracked.get(l), Some(m) if m.status != Tracked::Pending))
+                .filter(|l| st.tracked.get(*l).is_some_and(|m| !m.is_pending()))
                 .collect()
         };
         if dead.is_empty() {
@@ -479,31 +479,23 @@ impl Wal {
             bytes: st.total_bytes(),
             pending: st.pending,
             dead: st.dead,
-            oldest_pending_lsn: st
-                .tracked
-                .iter()
-                .find(|(_, m)| m.status == Tracked::Pending)
-                .map(|(l, _)| *l),
+            oldest_pending_lsn: st.tracked.oldest_pending(),
             visible_lsn: self.shared.visible_lsn.load(Ordering::Acquire),
         }
     }
 
     /// Status of a tracked (pending or dead) entry, by LSN.
     pub fn status_of(&self, lsn: u64) -> Option<Tracked> {
-        self.shared
-            .state()
-            .tracked
-            .get(&lsn)
-            .map(|m| m.status.clone())
+        self.shared.state().tracked.get(lsn).map(|m| m.status())
     }
 
     /// Status of a tracked (pending or dead) entry, by id.
     pub fn lookup(&self, id: Uuid) -> Option<EntryStatus> {
         let st = self.shared.state();
         let lsn = *st.by_id.get(&id)?;
-        st.tracked.get(&lsn).map(|m| EntryStatus {
+        st.tracked.get(lsn).map(|m| EntryStatus {
             lsn,
-            status: m.status.clone(),
+            status: m.status(),
         })
     }
 
@@ -512,7 +504,7 @@ impl Wal {
         self.shared
             .state()
             .tracked
-            .get(&lsn)
+            .get(lsn)
             .map(|m| m.source.clone())
     }
 
@@ -521,18 +513,17 @@ impl Wal {
         let st = self.shared.state();
         st.tracked
             .iter()
-            .filter_map(|(lsn, m)| match &m.status {
-                Tracked::Dead { attempts, reason } if source.is_none_or(|s| s == &*m.source) => {
-                    Some(DeadLetter {
-                        lsn: *lsn,
-                        id: m.id,
-                        source: m.source.to_string(),
-                        destination: m.destination.to_string(),
-                        attempts: *attempts,
-                        reason: reason.clone(),
-                    })
-                }
-                _ => None,
+            .filter(|m| !m.is_pending() && source.is_none_or(|s| s == &**m.source))
+            .filter_map(|m| match m.status() {
+                Tracked::Dead { attempts, reason } => Some(DeadLetter {
+                    lsn: m.lsn,
+                    id: m.id,
+                    source: m.source.to_string(),
+                    destination: m.destination.to_string(),
+                    attempts,
+                    reason,
+                }),
+                Tracked::Pending => None,
             })
             .take(limit)
             .collect()
