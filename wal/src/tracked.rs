@@ -176,7 +176,7 @@ impl TrackedMap {
         if chunk.is_empty() {
             self.chunks.remove(&key);
         } else {
-            if chunk.len() * 4 <= chunk.capacity() && chunk.capacity() > 8 {
+            if chunk.len() * 4 <= chunk.capacity() && chunk.capacity() > 4 {
                 chunk.shrink_to(chunk.len() * 2);
             }
             if i == 0 {

@@ -2,11 +2,10 @@
 //!
 //! One writer connection (SQLite has one writer at a time anyway; a single
 //! connection avoids SQLITE_BUSY between our own writers) and a small pool of
-//! readers, all in WAL journal mode. A batch is one transaction of multi-row
-//! `INSERT … ON CONFLICT DO NOTHING` statements (the conflict is the id, or the
-//! unique (source, idempotency_key)), committed with `synchronous=NORMAL` and
-//! answered once a sync of the `-wal` file covers it ([`durable`]: several
-//! workers' commits share one sync, and the writer is free during it). Connections are
+//! readers, all in WAL journal mode with `synchronous=FULL`. A batch is one
+//! transaction of multi-row `INSERT … ON CONFLICT DO NOTHING` statements (the
+//! conflict is the id, or the unique (source, idempotency_key)). Checkpoints run
+//! on a connection of their own, beside the writer. Connections are
 //! made, and the schema migrated, at the first use, so a database that cannot be
 //! opened yet (locked, read-only, disk full) is an outage, not a failed start. A
 //! contentless FTS5 table indexes the words of each payload's string values
@@ -18,7 +17,6 @@ use crate::query::{fitting, Query};
 use crate::recall::{to_le_bytes, Hit, Search};
 use crate::vectors::VectorIndex;
 
-mod durable;
 mod recall;
 use crate::words::{fts5_query, payload_words, query_words};
 use crate::{
@@ -113,11 +111,10 @@ pub struct SqliteDestination {
     migrated: OnceCell<()>,
     /// Embeddings in memory, per source searched by vector.
     vectors: VectorIndex,
-    /// Commits answered once on disk.
-    durable: durable::GroupSync,
     /// Runs SQLite's checkpoints, so that the writer does not.
     checkpointer: SqlitePool,
     checkpointing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    commits: std::sync::atomic::AtomicU64,
 }
 
 /// A passive checkpoint is started after this many commits (of up to
@@ -144,8 +141,7 @@ impl SqliteDestination {
             .filename(path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            // Commits are made durable by `durable` (a sync of the -wal file).
-            .synchronous(SqliteSynchronous::Normal)
+            .synchronous(SqliteSynchronous::Full)
             // A forgotten row's bytes are zeroed in the file, not left in free pages.
             .pragma("secure_delete", "ON")
             .busy_timeout(busy_timeout);
@@ -154,17 +150,17 @@ impl SqliteDestination {
             // The writer checkpoints only if the checkpointer falls far behind.
             writer: SqlitePoolOptions::new()
                 .max_connections(1)
-                .connect_lazy_with(opts.clone().pragma("wal_autocheckpoint", "20000")),
+                .connect_lazy_with(opts.clone().pragma("wal_autocheckpoint", "4000")),
             checkpointer: SqlitePoolOptions::new()
                 .max_connections(1)
                 .connect_lazy_with(opts.clone()),
             checkpointing: Default::default(),
+            commits: Default::default(),
             readers: SqlitePoolOptions::new()
                 .max_connections(readers.unwrap_or(4).max(1))
                 .connect_lazy_with(opts.read_only(true).create_if_missing(false)),
             migrated: OnceCell::new(),
             vectors: VectorIndex::default(),
-            durable: durable::GroupSync::new(path),
         })
     }
 
@@ -180,32 +176,13 @@ impl SqliteDestination {
         classify(&self.name, e)
     }
 
-    fn unavailable(&self, message: String) -> DestinationError {
-        DestinationError::Unavailable {
-            destination: self.name.clone(),
-            message,
-        }
-    }
-
-    /// Refused once a sync has failed (see [`durable`]).
-    fn writable(&self) -> Result<()> {
-        match self.durable.failed() {
-            Some(why) => Err(self.unavailable(why.to_owned())),
-            None => Ok(()),
-        }
-    }
-
-    /// Wait until the commit just made (with the writer held or not) is on
-    /// disk; now and then start a checkpoint beside the writer.
-    async fn synced(&self, ticket: u64) -> Result<()> {
-        self.durable
-            .durable(ticket)
-            .await
-            .map_err(|why| self.unavailable(why))?;
-        if ticket.is_multiple_of(COMMITS_PER_CHECKPOINT) {
+    /// Now and then, start a checkpoint beside the writer.
+    fn committed(&self) {
+        use std::sync::atomic::Ordering;
+        let n = self.commits.fetch_add(1, Ordering::Relaxed) + 1;
+        if n.is_multiple_of(COMMITS_PER_CHECKPOINT) {
             self.checkpoint();
         }
-        Ok(())
     }
 
     /// A passive checkpoint on its own connection (copies committed pages into
@@ -340,8 +317,8 @@ async fn index_words(conn: &mut sqlx::SqliteConnection, rows: &[(i64, &str)]) ->
 /// Insert a batch in one transaction, with its words (`words[i]` are
 /// `batch[i]`'s); answers which entries were inserted (not already held).
 ///
-/// Rows get explicit rowids past the table's highest (this connection is the
-/// only writer, inside its transaction), so a row's words are indexed by the
+/// Rows get explicit rowids past the table's highest (read under the write
+/// lock), so a row's words are indexed by the
 /// rowid it was given, without a row coming back per entry. An entry skipped as
 /// a conflict (its id, or its source's key, already held) leaves its rowid
 /// unused; only when a statement inserted fewer rows than it carried are the
@@ -354,7 +331,9 @@ async fn insert(
     use sqlx::Connection;
     let now = spool_wal::now_us();
     let mut inserted = Vec::with_capacity(batch.len());
-    let mut tx = conn.begin().await?;
+    // IMMEDIATE: the write lock first (waiting up to the busy timeout), so the
+    // highest rowid read is the one written after.
+    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
     let mut next: i64 = sqlx::query_scalar("SELECT coalesce(max(rowid), 0) + 1 FROM spool_entries")
         .fetch_one(&mut *tx)
         .await?;
@@ -425,7 +404,6 @@ impl Destination for SqliteDestination {
             return Ok(0);
         }
         screen(&self.name, batch, false)?;
-        self.writable()?;
         self.ready().await?;
         // Computed before the writer is taken: another worker's batch commits
         // meanwhile.
@@ -436,7 +414,7 @@ impl Destination for SqliteDestination {
         let mut conn = self.writer.acquire().await.map_err(|e| self.err(e))?;
         match insert(&mut conn, batch, &words).await {
             Ok(inserted) => {
-                let ticket = self.durable.committed();
+                self.committed();
                 // The index is updated while the (single) writer is held, so
                 // its updates follow commit order (a forget cannot slip between).
                 let written: Vec<&Entry> = batch
@@ -447,7 +425,6 @@ impl Destination for SqliteDestination {
                     .collect();
                 self.vectors.added(&written).await;
                 drop(conn);
-                self.synced(ticket).await?;
                 Ok((batch.len() - written.len()) as u64)
             }
             Err(e) => {
@@ -558,7 +535,6 @@ impl Destination for SqliteDestination {
     /// to the busy timeout) and gives it back. A read-only file, a missing table
     /// or another writer holding the lock past the timeout fail it.
     async fn health(&self) -> Result<()> {
-        self.writable()?;
         self.ready().await?;
         let mut conn = self.writer.acquire().await.map_err(|e| self.err(e))?;
         let probe = async {

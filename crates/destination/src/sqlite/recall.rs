@@ -192,14 +192,12 @@ impl SqliteDestination {
     }
 
     pub(super) async fn forget_rows(&self, t: &Tombstone) -> Result<u64> {
-        self.writable()?;
         self.ready().await?;
         let mut conn = self.writer.acquire().await.map_err(|e| self.err(e))?;
         let ids = delete_forgotten(&mut conn, t).await.map_err(|e| {
             conn.close_on_drop();
             self.err(e)
         })?;
-        let ticket = self.durable.committed();
         let ids: Vec<Uuid> = ids
             .iter()
             .filter_map(|id| Uuid::try_parse(id).ok())
@@ -207,7 +205,6 @@ impl SqliteDestination {
         // Under the writer, like adds: index updates follow commit order.
         self.vectors.removed(&t.source, &ids).await;
         drop(conn);
-        self.synced(ticket).await?;
         Ok(ids.len() as u64)
     }
 }
