@@ -5,7 +5,6 @@ use crate::entry::{Entry, LoggedEntry};
 use crate::error::{Result, WalError};
 use crate::format::{self, FrameParse, Kind};
 use crate::segment::{self, FrameReader, SegmentFile};
-use crate::state::Tracked;
 use crate::wal::Wal;
 
 /// A queued entry read back from the WAL for delivery ([`Wal::read_queued`]).
@@ -29,7 +28,16 @@ impl Wal {
     /// Read up to `limit` pending entries with LSN > `after`, oldest first, from
     /// disk. Used to feed the delivery queue after a restart, as space allows.
     pub fn pending_after(&self, after: u64, limit: usize) -> Result<Vec<LoggedEntry>> {
-        self.read_tracked(after, limit, |s| *s == Tracked::Pending)
+        let wanted: Vec<(u64, u64, u64)> = {
+            let st = self.shared.state();
+            st.tracked
+                .iter_from(after.saturating_add(1))
+                .filter(|m| m.is_pending())
+                .take(limit)
+                .filter_map(|m| Some((m.lsn, st.segment_of(m.lsn)?, m.offset)))
+                .collect()
+        };
+        self.read_at(&wanted)
     }
 
     /// Up to `limit` LSNs pending for `destination` with `after < LSN ≤ upto`,
@@ -149,24 +157,6 @@ impl Wal {
                 .collect();
             v.sort_unstable();
             v
-        };
-        self.read_at(&wanted)
-    }
-
-    fn read_tracked(
-        &self,
-        after: u64,
-        limit: usize,
-        keep: impl Fn(&Tracked) -> bool,
-    ) -> Result<Vec<LoggedEntry>> {
-        let wanted: Vec<(u64, u64, u64)> = {
-            let st = self.shared.state();
-            st.tracked
-                .iter_from(after.saturating_add(1))
-                .filter(|m| keep(&m.status()))
-                .take(limit)
-                .filter_map(|m| Some((m.lsn, st.segment_of(m.lsn)?, m.offset)))
-                .collect()
         };
         self.read_at(&wanted)
     }

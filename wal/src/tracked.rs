@@ -210,6 +210,13 @@ impl TrackedMap {
         self.iter().find(|m| m.is_pending()).map(|m| m.lsn)
     }
 
+    /// The dead letters, in LSN order (without scanning the pending entries).
+    pub fn dead(&self) -> impl Iterator<Item = MetaRef<'_>> + '_ {
+        let mut lsns: Vec<u64> = self.dead.keys().copied().collect();
+        lsns.sort_unstable();
+        lsns.into_iter().filter_map(|l| self.get(l))
+    }
+
     /// Every tracked entry, in LSN order.
     pub fn iter(&self) -> impl Iterator<Item = MetaRef<'_>> + '_ {
         self.chunks.values().flatten().map(|s| self.view(s))
@@ -307,6 +314,9 @@ mod tests {
                 prop_assert_eq!(m.get(l).map(|r| (r.id, r.status())), model.get(&l).map(|(_, s)| (Uuid::from_u64_pair(l, 1), s.clone())));
                 prop_assert_eq!(m.contains(l), model.contains_key(&l));
             }
+            let got: Vec<u64> = m.dead().map(|r| r.lsn).collect();
+            let want: Vec<u64> = model.iter().filter(|(_, (_, s))| *s != Tracked::Pending).map(|(l, _)| *l).collect();
+            prop_assert_eq!(got, want);
             // Every chunk is keyed by its lowest LSN and none is empty.
             for (k, c) in &m.chunks {
                 prop_assert_eq!(Some(*k), c.front().map(|s| s.lsn));

@@ -512,8 +512,9 @@ impl Wal {
     pub fn dead_letters(&self, source: Option<&str>, limit: usize) -> Vec<DeadLetter> {
         let st = self.shared.state();
         st.tracked
-            .iter()
-            .filter(|m| !m.is_pending() && source.is_none_or(|s| s == &**m.source))
+            .dead()
+            .filter(|m| source.is_none_or(|s| s == &**m.source))
+            .take(limit)
             .filter_map(|m| match m.status() {
                 Tracked::Dead { attempts, reason } => Some(DeadLetter {
                     lsn: m.lsn,
@@ -525,7 +526,6 @@ impl Wal {
                 }),
                 Tracked::Pending => None,
             })
-            .take(limit)
             .collect()
     }
 

@@ -284,3 +284,45 @@ async fn recall() {
     let (_t, d) = fresh().await;
     search_ranks_by_vector_text_and_both(d).await;
 }
+
+/// Another writer on the file (the sqlite3 CLI, `spool replay`) holding the
+/// write lock for less than the busy timeout is waited for, not refused at once
+/// as an outage: the highest rowid is read under `BEGIN IMMEDIATE`, so the busy
+/// timeout applies (a deferred transaction that reads first gets SQLITE_BUSY
+/// without waiting when it then tries to write).
+#[tokio::test]
+async fn a_write_lock_held_briefly_by_another_writer_is_waited_for() {
+    use spool_destination::Destination;
+    use sqlx::Connection;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spool.db");
+    let d =
+        SqliteDestination::open("main", &path, None, std::time::Duration::from_secs(30)).unwrap();
+    d.write_batch(&[logged(1, "s", None, r#"{"n":1}"#, 1)])
+        .await
+        .unwrap();
+    let mut other = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    sqlx::raw_sql("BEGIN IMMEDIATE")
+        .execute(&mut other)
+        .await
+        .unwrap();
+    let d: Dest = std::sync::Arc::new(d);
+    let mut write = tokio::spawn({
+        let d = d.clone();
+        async move {
+            d.write_batch(&[logged(2, "s", None, r#"{"n":2}"#, 2)])
+                .await
+        }
+    });
+    // Still waiting for the lock after half a second (a refusal comes at once).
+    let early = tokio::time::timeout(std::time::Duration::from_millis(500), &mut write).await;
+    assert!(
+        early.is_err(),
+        "the write did not wait for the lock: {early:?}"
+    );
+    sqlx::raw_sql("COMMIT").execute(&mut other).await.unwrap();
+    assert_eq!(write.await.unwrap().unwrap(), 0, "written, no duplicate");
+    assert_eq!(all(&d, "s").await.len(), 2);
+}
