@@ -59,7 +59,8 @@ impl MetaRef<'_> {
 #[derive(Debug, Default)]
 pub(crate) struct TrackedMap {
     chunks: BTreeMap<u64, VecDeque<Slot>>,
-    dead: FxHashMap<u64, (u32, String)>,
+    /// Dead letters by LSN (few; ordered, so listing them stops at its limit).
+    dead: BTreeMap<u64, (u32, String)>,
     names: Vec<Arc<str>>,
     by_name: FxHashMap<Arc<str>, u32>,
 }
@@ -212,9 +213,7 @@ impl TrackedMap {
 
     /// The dead letters, in LSN order (without scanning the pending entries).
     pub fn dead(&self) -> impl Iterator<Item = MetaRef<'_>> + '_ {
-        let mut lsns: Vec<u64> = self.dead.keys().copied().collect();
-        lsns.sort_unstable();
-        lsns.into_iter().filter_map(|l| self.get(l))
+        self.dead.keys().filter_map(|l| self.get(*l))
     }
 
     /// Every tracked entry, in LSN order.

@@ -285,22 +285,22 @@ async fn recall() {
     search_ranks_by_vector_text_and_both(d).await;
 }
 
-/// Another writer on the file (the sqlite3 CLI, `spool replay`) holding the
-/// write lock for less than the busy timeout is waited for, not refused at once
-/// as an outage: the highest rowid is read under `BEGIN IMMEDIATE`, so the busy
-/// timeout applies (a deferred transaction that reads first gets SQLITE_BUSY
-/// without waiting when it then tries to write).
-#[tokio::test]
-async fn a_write_lock_held_briefly_by_another_writer_is_waited_for() {
-    use spool_destination::Destination;
+/// Runs `op` on a migrated destination holding one entry (id `first`) while
+/// another connection holds the write lock: `op` must still be waiting after
+/// half a second (a refusal comes at once), then finish once the lock is given
+/// back; answers its result, the destination and its directory.
+async fn while_another_writer_holds_the_lock<T: std::fmt::Debug + Send + 'static>(
+    op: impl FnOnce(Dest, uuid::Uuid) -> tokio::task::JoinHandle<T>,
+) -> (T, Dest, tempfile::TempDir) {
     use sqlx::Connection;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("spool.db");
-    let d =
-        SqliteDestination::open("main", &path, None, std::time::Duration::from_secs(30)).unwrap();
-    d.write_batch(&[logged(1, "s", None, r#"{"n":1}"#, 1)])
-        .await
-        .unwrap();
+    let d: Dest = std::sync::Arc::new(
+        SqliteDestination::open("main", &path, None, std::time::Duration::from_secs(30)).unwrap(),
+    );
+    let first = logged(1, "s", None, r#"{"n":1}"#, 1);
+    let id = first.entry.id;
+    d.write_batch(&[first]).await.unwrap();
     let mut other = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
         .await
         .unwrap();
@@ -308,21 +308,47 @@ async fn a_write_lock_held_briefly_by_another_writer_is_waited_for() {
         .execute(&mut other)
         .await
         .unwrap();
-    let d: Dest = std::sync::Arc::new(d);
-    let mut write = tokio::spawn({
-        let d = d.clone();
-        async move {
+    let mut task = op(d.clone(), id);
+    let early = tokio::time::timeout(std::time::Duration::from_millis(500), &mut task).await;
+    assert!(early.is_err(), "did not wait for the lock: {early:?}");
+    sqlx::raw_sql("COMMIT").execute(&mut other).await.unwrap();
+    (task.await.unwrap(), d, dir)
+}
+
+/// Another writer on the file (the sqlite3 CLI, `spool replay`) holding the
+/// write lock for less than the busy timeout is waited for, not refused at once
+/// as an outage: the highest rowid is read under `BEGIN IMMEDIATE`, so the busy
+/// timeout applies (a deferred transaction that reads first gets SQLITE_BUSY
+/// without waiting when it then tries to write).
+#[tokio::test]
+async fn a_write_lock_held_briefly_by_another_writer_is_waited_for() {
+    let (written, d, _dir) = while_another_writer_holds_the_lock(|d, _| {
+        tokio::spawn(async move {
             d.write_batch(&[logged(2, "s", None, r#"{"n":2}"#, 2)])
                 .await
-        }
-    });
-    // Still waiting for the lock after half a second (a refusal comes at once).
-    let early = tokio::time::timeout(std::time::Duration::from_millis(500), &mut write).await;
-    assert!(
-        early.is_err(),
-        "the write did not wait for the lock: {early:?}"
-    );
-    sqlx::raw_sql("COMMIT").execute(&mut other).await.unwrap();
-    assert_eq!(write.await.unwrap().unwrap(), 0, "written, no duplicate");
+        })
+    })
+    .await;
+    assert_eq!(written.unwrap(), 0, "written, no duplicate");
     assert_eq!(all(&d, "s").await.len(), 2);
+}
+
+/// The same for a forget (it reads the rows, then deletes them).
+#[tokio::test]
+async fn a_forget_waits_for_a_write_lock_held_briefly_by_another_writer() {
+    let (deleted, d, _dir) = while_another_writer_holds_the_lock(|d, id| {
+        tokio::spawn(async move {
+            let t = spool_wal::Tombstone {
+                at_us: 10,
+                source: "s".into(),
+                destination: "main".into(),
+                ids: vec![id],
+                subject: None,
+            };
+            d.forget(&t).await
+        })
+    })
+    .await;
+    assert_eq!(deleted.unwrap(), 1);
+    assert!(all(&d, "s").await.is_empty());
 }

@@ -117,8 +117,11 @@ pub struct SqliteDestination {
     commits: std::sync::atomic::AtomicU64,
 }
 
-/// A passive checkpoint is started after this many commits (of up to
-/// [`ROWS_PER_STATEMENT`] rows each), when none is running.
+/// A passive checkpoint is started after this many committed batches, when
+/// none is running. It copies pages but cannot restart the `-wal` while the
+/// writer goes on: under steady load the writer's own checkpoint at
+/// `wal_autocheckpoint` pages (cheap then: only the uncopied tail) restarts it,
+/// so the `-wal` file stays under about 16 MiB.
 const COMMITS_PER_CHECKPOINT: u64 = 8;
 
 impl SqliteDestination {
@@ -151,9 +154,10 @@ impl SqliteDestination {
             writer: SqlitePoolOptions::new()
                 .max_connections(1)
                 .connect_lazy_with(opts.clone().pragma("wal_autocheckpoint", "4000")),
+            // Never creates the database (a file moved away stays gone).
             checkpointer: SqlitePoolOptions::new()
                 .max_connections(1)
-                .connect_lazy_with(opts.clone()),
+                .connect_lazy_with(opts.clone().create_if_missing(false)),
             checkpointing: Default::default(),
             commits: Default::default(),
             readers: SqlitePoolOptions::new()
@@ -192,16 +196,31 @@ impl SqliteDestination {
         if self.checkpointing.swap(true, Ordering::SeqCst) {
             return;
         }
-        let (pool, running) = (self.checkpointer.clone(), self.checkpointing.clone());
-        let name = self.name.clone();
-        tokio::spawn(async move {
-            if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-                .execute(&pool)
-                .await
-            {
-                tracing::debug!(destination = %name, "checkpoint: {e}");
+        /// Clears the flag however the task ends (also dropped unfinished).
+        struct Running(std::sync::Arc<std::sync::atomic::AtomicBool>);
+        impl Drop for Running {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::SeqCst);
             }
-            running.store(false, Ordering::SeqCst);
+        }
+        let running = Running(self.checkpointing.clone());
+        let (pool, name) = (self.checkpointer.clone(), self.name.clone());
+        tokio::spawn(async move {
+            let _running = running;
+            let res = async {
+                let mut conn = pool.acquire().await?;
+                let res = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+                    .execute(&mut *conn)
+                    .await;
+                if res.is_err() {
+                    conn.close_on_drop();
+                }
+                res
+            };
+            if let Err(e) = res.await {
+                // The writer's own checkpoint still bounds the -wal.
+                tracing::warn!(destination = %name, "checkpoint beside the writer failed: {e}");
+            }
         });
     }
 
@@ -217,7 +236,11 @@ impl SqliteDestination {
 
     async fn migrate_on(&self, conn: &mut sqlx::SqliteConnection) -> Result<()> {
         use sqlx::Connection;
-        let mut tx = conn.begin().await.map_err(|e| self.err(e))?;
+        // IMMEDIATE: it reads, then writes; the busy timeout applies to the lock.
+        let mut tx = conn
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(|e| self.err(e))?;
         tx.execute("CREATE TABLE IF NOT EXISTS spool_schema (version INTEGER NOT NULL)")
             .await
             .map_err(|e| self.err(e))?;

@@ -32,7 +32,8 @@ async fn delete_forgotten(
     t: &Tombstone,
 ) -> sqlx::Result<Vec<String>> {
     use sqlx::Connection;
-    let mut tx = conn.begin().await?;
+    // IMMEDIATE: it reads, then deletes; the busy timeout applies to the lock.
+    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
     let mut deleted = Vec::new();
     loop {
         let mut qb: QueryBuilder<Sqlite> =
