@@ -385,7 +385,7 @@ async fn insert(
         });
         qb.push(" ON CONFLICT DO NOTHING");
         let done = qb.build().execute(&mut *tx).await?.rows_affected();
-        let held: Vec<bool> = if done == chunk.len() as u64 {
+        let new: Vec<bool> = if done == chunk.len() as u64 {
             vec![true; chunk.len()]
         } else {
             // Some were conflicts: which rowids were used?
@@ -399,15 +399,15 @@ async fn insert(
                     .collect();
             (first..next).map(|r| used.contains(&r)).collect()
         };
-        let indexed: Vec<(i64, &str)> = held
+        let indexed: Vec<(i64, &str)> = new
             .iter()
             .zip(words)
             .zip(first..)
-            .filter(|((held, w), _)| **held && !w.is_empty())
+            .filter(|((new, w), _)| **new && !w.is_empty())
             .map(|((_, w), rowid)| (rowid, w.as_str()))
             .collect();
         index_words(&mut tx, &indexed).await?;
-        inserted.extend(held);
+        inserted.extend(new);
     }
     tx.commit().await?;
     Ok(inserted)
