@@ -292,7 +292,6 @@ async fn recall() {
 async fn while_another_writer_holds_the_lock<T: std::fmt::Debug + Send + 'static>(
     op: impl FnOnce(Dest, uuid::Uuid) -> tokio::task::JoinHandle<T>,
 ) -> (T, Dest, tempfile::TempDir) {
-    use sqlx::Connection;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("spool.db");
     let d: Dest = std::sync::Arc::new(
@@ -301,13 +300,7 @@ async fn while_another_writer_holds_the_lock<T: std::fmt::Debug + Send + 'static
     let first = logged(1, "s", None, r#"{"n":1}"#, 1);
     let id = first.entry.id;
     d.write_batch(&[first]).await.unwrap();
-    let mut other = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
-        .await
-        .unwrap();
-    sqlx::raw_sql("BEGIN IMMEDIATE")
-        .execute(&mut other)
-        .await
-        .unwrap();
+    let mut other = spool_testkit::hold_sqlite_write_lock(&path).await;
     let mut task = op(d.clone(), id);
     let early = tokio::time::timeout(std::time::Duration::from_millis(500), &mut task).await;
     assert!(early.is_err(), "did not wait for the lock: {early:?}");

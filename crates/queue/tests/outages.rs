@@ -139,13 +139,7 @@ async fn sqlite_locked_by_another_writer_makes_no_dead_letters() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("spool.db");
     let db = sqlite(&path, Duration::from_millis(100)).await;
-    let mut other = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
-        .await
-        .unwrap();
-    sqlx::raw_sql("BEGIN IMMEDIATE")
-        .execute(&mut other)
-        .await
-        .unwrap();
+    let mut other = spool_testkit::hold_sqlite_write_lock(&path).await;
     outage_makes_no_dead_letters(db, || async move {
         sqlx::raw_sql("ROLLBACK").execute(&mut other).await.unwrap();
     })

@@ -16,7 +16,8 @@
 //! `SPOOL_TEST_PG_URL` points everything at an existing server instead.
 //!
 //! [`BlackHole`] is a TCP proxy that can stop answering without closing
-//! anything (a partitioned network, a hung server).
+//! anything (a partitioned network, a hung server). [`hold_sqlite_write_lock`]
+//! is another writer holding a SQLite file's write lock.
 //!
 //! ## Invariants
 //! - Never a silent skip: if PostgreSQL cannot be found or started, the call panics
@@ -25,7 +26,9 @@
 #![allow(unsafe_code)] // one libc::atexit registration and kill(2); see below.
 
 mod blackhole;
+mod sqlite;
 pub use blackhole::BlackHole;
+pub use sqlite::hold_sqlite_write_lock;
 
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
