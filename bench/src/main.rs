@@ -2,6 +2,7 @@
 //! its own line, so runs can be compared (see docs/benchmarks.md).
 
 mod client;
+mod memory;
 mod recall;
 mod scrape;
 
@@ -15,6 +16,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// Counts live heap bytes for `queued-memory` (off otherwise).
+#[global_allocator]
+static ALLOC: memory::Counting = memory::Counting;
 
 #[derive(Parser)]
 #[command(
@@ -174,6 +179,18 @@ enum Cmd {
         /// The client's `max_in_flight` (default: the client's default).
         #[arg(long)]
         in_flight: Option<usize>,
+    },
+    /// Heap bytes per queued entry (destination down), counted by the allocator.
+    QueuedMemory {
+        /// Directory for the WALs.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Entries to queue.
+        #[arg(long, default_value_t = 1_000_000)]
+        entries: usize,
+        /// Payload bytes per entry.
+        #[arg(long, default_value_t = 256)]
+        record_bytes: usize,
     },
     /// The in-process engine, sustained: ingest → WAL → queue → destination.
     Engine {
@@ -357,6 +374,21 @@ fn main() -> Result<()> {
                 in_flight,
             };
             println!("{}", rt.block_on(client::client_bench(spec))?);
+            Ok(())
+        }
+        Cmd::QueuedMemory {
+            dir,
+            entries,
+            record_bytes,
+        } => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            println!(
+                "{}",
+                rt.block_on(memory::queued_memory(&dir, entries, record_bytes))?
+            );
             Ok(())
         }
         Cmd::Engine {
