@@ -83,13 +83,29 @@ pub async fn queued_memory(
     COUNTING.store(true, Ordering::SeqCst);
     let before = live();
     let mut left = entries;
+    let mut ids = Vec::new();
     while left > 0 {
         let n = left.min(1000);
-        wal.append(&batch(n)).await?;
+        let b = batch(n);
+        ids.push(b[n / 2].id);
+        wal.append(&b).await?;
         left -= n;
     }
     let wal_bytes = live() - before;
     COUNTING.store(false, Ordering::SeqCst);
+    // Finding a queued entry by id (GET while pending), and an id not queued.
+    let timed = |ids: &[uuid::Uuid], want: bool| -> Result<f64> {
+        let start = Instant::now();
+        for id in ids {
+            if wal.lookup(*id).is_some() != want {
+                bail!("lookup of {id} answered {}", !want);
+            }
+        }
+        Ok(start.elapsed().as_secs_f64() * 1e6 / ids.len() as f64)
+    };
+    let lookup_us = timed(&ids, true)?;
+    let absent: Vec<uuid::Uuid> = ids.iter().map(|_| uuid::Uuid::now_v7()).collect();
+    let absent_lookup_us = timed(&absent, false)?;
     wal.close();
 
     // The engine, its one destination down (a closed port).
@@ -132,6 +148,8 @@ pub async fn queued_memory(
         "record_bytes": record_bytes,
         "wal_index_bytes_per_entry": per(wal_bytes),
         "engine_bytes_per_entry": per(engine_bytes),
+        "lookup_us": crate::round2(lookup_us),
+        "absent_lookup_us": crate::round2(absent_lookup_us),
         "ingest_secs": crate::round2(ingest_secs),
     }))
 }

@@ -80,7 +80,6 @@ type SubjectTombstones = FxHashMap<Box<str>, Vec<(i64, u64)>>;
 #[derive(Debug, Default)]
 pub(crate) struct State {
     pub tracked: TrackedMap,
-    pub by_id: FxHashMap<Uuid, u64>,
     pub segments: BTreeMap<u64, SegInfo>,
     pub pending: u64,
     pub dead: u64,
@@ -124,7 +123,6 @@ impl State {
         let e = format::decode_entry_ref(body)?;
         self.stamp = self.stamp.max(e.accepted_at_us);
         let pending = status == Tracked::Pending;
-        self.by_id.insert(e.id, lsn);
         let old = self
             .tracked
             .insert(lsn, e.id, offset, e.source, e.destination, status);
@@ -162,8 +160,7 @@ impl State {
     /// Drop an entry from tracking (delivered).
     fn remove(&mut self, lsn: u64) -> bool {
         match self.tracked.remove(lsn) {
-            Some((id, status)) => {
-                self.by_id.remove(&id);
+            Some(status) => {
                 self.forget_counts(lsn, &status);
                 true
             }
@@ -306,10 +303,13 @@ impl State {
         let t = Arc::new(format::decode_tombstone(body)?);
         self.stamp = self.stamp.max(t.at_us);
         for id in &t.ids {
-            let Some(&l) = self.by_id.get(id) else {
-                continue;
-            };
-            if l < lsn && self.tracked.get(l).is_some_and(|m| **m.source == t.source) {
+            let ended: Vec<u64> = self
+                .tracked
+                .with_id(*id)
+                .filter(|m| m.lsn < lsn && **m.source == t.source)
+                .map(|m| m.lsn)
+                .collect();
+            for l in ended {
                 self.remove(l);
                 self.ended_by_forget.insert(l);
                 self.totals.forgotten += 1;

@@ -492,9 +492,9 @@ impl Wal {
     /// Status of a tracked (pending or dead) entry, by id.
     pub fn lookup(&self, id: Uuid) -> Option<EntryStatus> {
         let st = self.shared.state();
-        let lsn = *st.by_id.get(&id)?;
-        st.tracked.get(lsn).map(|m| EntryStatus {
-            lsn,
+        let m = st.tracked.with_id(id).max_by_key(|m| m.lsn)?;
+        Some(EntryStatus {
+            lsn: m.lsn,
             status: m.status(),
         })
     }
