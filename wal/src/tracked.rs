@@ -364,7 +364,7 @@ mod tests {
 
     /// Mostly rising with the LSN (as UUIDv7s do), every third one anywhere.
     fn id(l: u64) -> Uuid {
-        if l % 3 == 0 {
+        if l.is_multiple_of(3) {
             Uuid::from_u64_pair(l.wrapping_mul(0x9E37_79B9_7F4A_7C15), l)
         } else {
             Uuid::from_u64_pair(l, 1)
