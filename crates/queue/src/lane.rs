@@ -1,7 +1,9 @@
 //! One destination's lane: its bounded capacity, the entries waiting for a
 //! worker — by LSN only: their records are in the WAL, read back when a worker
 //! takes them ([`spool_wal::Wal::read_queued`]) — and the set of LSNs held
-//! (queued or being delivered).
+//! (queued or being delivered). Both are compressed bitmaps (a queued entry
+//! costs well under a byte of them: a lane's LSNs are nearly dense), and
+//! workers take the lowest LSNs queued, so the oldest entries go first.
 //!
 //! Capacity is reserved *before* the WAL append and released when an entry is
 //! terminal (delivered or failed) or dropped at shutdown. An entry is held from
@@ -10,8 +12,9 @@
 //! while still held (a dead letter requeued while its worker is still recording
 //! the failure) is redriven once it is released, never dropped.
 
+use roaring::RoaringTreemap;
 use spool_destination::Destination;
-use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -34,8 +37,10 @@ pub(crate) struct Lane {
 
 #[derive(Default)]
 struct LaneState {
-    items: VecDeque<u64>,
-    held: HashSet<u64>,
+    /// Queued, not yet taken.
+    items: RoaringTreemap,
+    /// Queued or being delivered.
+    held: RoaringTreemap,
     closed: bool,
     /// Requeued dead letters waiting for the feeder.
     requeued: BTreeSet<u64>,
@@ -105,7 +110,7 @@ impl Lane {
             let mut st = self.st();
             for lsn in lsns {
                 if st.held.insert(lsn) {
-                    st.items.push_back(lsn);
+                    st.items.insert(lsn);
                 } else {
                     st.redrive.insert(lsn);
                     dup += 1;
@@ -123,7 +128,7 @@ impl Lane {
         {
             let mut st = self.st();
             for l in lsns {
-                st.held.remove(l);
+                st.held.remove(*l);
                 if st.redrive.remove(l) {
                     st.requeued.insert(*l);
                 }
@@ -166,9 +171,12 @@ impl Lane {
                 let mut st = self.st();
                 if !st.items.is_empty() {
                     let d = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + linger);
-                    if st.items.len() >= max || st.closed || tokio::time::Instant::now() >= d {
-                        let n = st.items.len().min(max);
-                        return Some(st.items.drain(..n).collect());
+                    if st.items.len() >= max as u64 || st.closed || tokio::time::Instant::now() >= d
+                    {
+                        let lsns: Vec<u64> = st.items.iter().take(max).collect();
+                        let last = *lsns.last().expect("items is not empty");
+                        st.items.remove_range(..=last);
+                        return Some(lsns);
                     }
                 } else if st.closed {
                     return None;
@@ -197,12 +205,12 @@ impl Lane {
     }
 
     pub fn depth(&self) -> usize {
-        self.st().items.len()
+        self.st().items.len() as usize
     }
 
     /// Drop whatever is still queued (shutdown deadline): it stays pending in the WAL.
     pub fn abandon(&self) -> usize {
-        let lsns: Vec<u64> = self.st().items.drain(..).collect();
+        let lsns: Vec<u64> = std::mem::take(&mut self.st().items).into_iter().collect();
         self.release(&lsns, false);
         lsns.len()
     }
@@ -293,7 +301,7 @@ mod tests {
         let lane = Lane::new(Arc::new(Nowhere), 10);
         assert!(lane.try_reserve(1));
         lane.push([7]);
-        let _in_flight = lane.st().items.pop_front();
+        assert!(lane.st().items.remove(7), "a worker takes it");
         // The requeue's feed of LSN 7 arrives while it is still held.
         assert!(lane.try_reserve(1));
         lane.push([7]);
@@ -306,5 +314,25 @@ mod tests {
         lane.release(&[7], false);
         assert_eq!(lane.take_requeued(10), vec![7]);
         assert_eq!(lane.used(), 0);
+    }
+
+    /// Pushes that arrive out of LSN order (two ingests finishing in the other
+    /// order, the feeder's backlog) are taken lowest first, each once.
+    #[tokio::test]
+    async fn workers_take_the_lowest_lsns_queued_first() {
+        let lane = Lane::new(Arc::new(Nowhere), 10);
+        assert!(lane.try_reserve(6));
+        lane.push([9, 5]);
+        lane.push([1, 70_000, 3, 5]);
+        assert_eq!(lane.used(), 5, "the second 5 is held already");
+        assert_eq!(lane.depth(), 5);
+        let none = Duration::ZERO;
+        assert_eq!(lane.take(2, none).await, Some(vec![1, 3]));
+        assert_eq!(lane.take(10, none).await, Some(vec![5, 9, 70_000]));
+        assert_eq!(lane.depth(), 0);
+        lane.release(&[1, 3, 5, 9, 70_000], true);
+        assert_eq!(lane.used(), 0);
+        lane.close();
+        assert_eq!(lane.take(10, none).await, None);
     }
 }
