@@ -114,6 +114,7 @@ pub(crate) fn recover(
         .rev()
         .find_map(|i| read_head_checkpoint(&segs[i]).map(|cp| (i, cp)));
     let start = base.as_ref().map_or(0, |(i, _)| *i);
+    state.recovery_start = segs.get(start).map_or(0, |s| s.first_lsn);
 
     for s in &segs[..start] {
         let bytes = std::fs::metadata(&s.path)

@@ -81,6 +81,10 @@ type SubjectTombstones = FxHashMap<Box<str>, Vec<(i64, u64)>>;
 pub(crate) struct State {
     pub tracked: TrackedMap,
     pub segments: BTreeMap<u64, SegInfo>,
+    /// The segment recovery would start its walk from: the newest whose head is
+    /// a checkpoint (the oldest, without one). Retention deletes only segments
+    /// before it: those from it on are walked at recovery.
+    pub recovery_start: u64,
     pub pending: u64,
     pub dead: u64,
     pub totals: Totals,
@@ -444,6 +448,21 @@ impl State {
         let oldest = self.segments.keys().next().copied().unwrap_or(u64::MAX);
         self.purged = self.purged.split_off(&oldest);
         self.ended_by_forget = self.ended_by_forget.split_off(&oldest);
+    }
+
+    /// The checkpoint describing this state, if it is at most `limit` bytes
+    /// (about; encoded): a checkpoint lists every tracked entry, so with a big
+    /// backlog writing one at each rotation would cost more than the records.
+    pub fn checkpoint_within(&self, limit: u64) -> Option<Checkpoint> {
+        (self.checkpoint_estimate() <= limit).then(|| self.checkpoint())
+    }
+
+    /// About how many bytes [`State::checkpoint`] would encode to.
+    pub fn checkpoint_estimate(&self) -> u64 {
+        16 * self.pending
+            + 64 * self.dead
+            + 32 * self.tombstones.len() as u64
+            + 8 * (self.segments.len() + self.purged.len()) as u64
     }
 
     /// The checkpoint describing this state (before a new segment is added to it).

@@ -201,8 +201,13 @@ impl Wal {
         let (file, seg_first, seg_len) = match continued {
             Some(c) => c,
             None => {
-                let cp = (!state.segments.is_empty()).then(|| state.checkpoint());
+                let cp = state.checkpoint_within(config.segment_bytes / 4);
+                // The first segment of a WAL needs none (there is nothing before it).
+                let cp = cp.filter(|_| !state.segments.is_empty());
                 let (f, len) = segment::create_segment(&*io, &dir, next_lsn, cp.as_ref())?;
+                if cp.is_some() || state.segments.is_empty() {
+                    state.recovery_start = next_lsn;
+                }
                 state
                     .segments
                     .insert(next_lsn, SegInfo::new(len, SystemTime::now()));

@@ -445,33 +445,53 @@ impl Writer {
         e
     }
 
-    /// Seal the current segment (fdatasync) and start the next with a checkpoint.
+    /// Seal the current segment (fdatasync) and start the next, with a
+    /// checkpoint if it is at most a quarter of `segment_bytes`
+    /// ([`State::checkpoint_within`]): without one, recovery walks on from the
+    /// last segment that has one, and retention keeps that segment and the rest.
     fn rotate(&mut self) -> Result<()> {
+        self.seal_and_start()?;
+        let _ = self.retention(false);
+        Ok(())
+    }
+
+    /// The largest checkpoint a rotation writes.
+    fn checkpoint_limit(&self) -> u64 {
+        self.shared.config.segment_bytes / 4
+    }
+
+    /// [`Writer::rotate`] without the retention after it.
+    fn seal_and_start(&mut self) -> Result<()> {
         self.flush()?;
         self.sync()?;
         let first = self.next_lsn;
-        let cp = self.shared.state().checkpoint();
-        let created = segment::create_segment(&*self.shared.io, &self.shared.dir, first, Some(&cp));
+        let cp = self.shared.state().checkpoint_within(self.checkpoint_limit());
+        let created = segment::create_segment(&*self.shared.io, &self.shared.dir, first, cp.as_ref());
         let (file, len) = match created {
             Ok(c) => c,
             // A half-made segment that may survive would shadow this one's tail.
             Err(WalError::Poisoned(why)) => return Err(self.poison(why)),
             Err(e) => return Err(e),
         };
-        self.shared
-            .state()
-            .segments
-            .insert(first, SegInfo::new(len, SystemTime::now()));
-        self.next_lsn += 1;
-        self.written_lsn = first;
+        {
+            let mut st = self.shared.state();
+            st.segments.insert(first, SegInfo::new(len, SystemTime::now()));
+            if cp.is_some() {
+                st.recovery_start = first;
+            }
+        }
+        if cp.is_some() {
+            // The checkpoint is record `first`.
+            self.next_lsn += 1;
+            self.written_lsn = first;
+            self.publish(first);
+        }
         self.file = file;
         self.seg_first = first;
         self.seg_len = len;
         self.seg_head = len;
         self.synced_len = len;
         self.seg_has_records = false;
-        self.publish(first);
-        let _ = self.retention(false);
         Ok(())
     }
 
@@ -499,6 +519,20 @@ impl Writer {
     fn retention(&mut self, forced: bool) -> Result<RetentionReport> {
         self.flush()?;
         self.sync()?;
+        // Segments done with, but walked at recovery since the last checkpoint
+        // (rotations skipped it while the backlog was big): once a checkpoint
+        // is small again, start a segment with one, so they can go.
+        let blocked = {
+            let st = self.shared.state();
+            st.checkpoint_estimate() <= self.checkpoint_limit()
+                && st
+                    .segments
+                    .range(st.recovery_start..self.seg_first)
+                    .any(|(_, info)| info.live == 0)
+        };
+        if blocked {
+            self.seal_and_start()?;
+        }
         let mut report = RetentionReport::default();
         let cutoff = SystemTime::now()
             .checked_sub(self.shared.config.retention)
@@ -512,8 +546,7 @@ impl Writer {
                 // A segment with tombstones goes only once it is the oldest: an
                 // older one may hold what they forgot.
                 st.segments
-                    .iter()
-                    .take_while(|(first, _)| **first != self.seg_first)
+                    .range(..st.recovery_start.min(self.seg_first))
                     .find(|(first, info)| {
                         info.live == 0
                             && (info.tombstones == 0 || Some(**first) == oldest)

@@ -187,10 +187,22 @@ fn a_segment_cut_inside_its_header_is_removed_as_torn() {
     assert_eq!(pending_ns(&wal), (0..30).collect::<Vec<_>>());
 }
 
-#[test]
-fn checkpoint_kind_is_first_of_rotated_segments() {
-    let (dir, _) = written(100, small(4096));
-    for s in &segments(dir.path())[1..] {
+#[tokio::test]
+async fn checkpoint_kind_is_first_of_rotated_segments() {
+    // A small backlog (one entry in four stays pending): every checkpoint is
+    // under a quarter of a segment, so every rotation writes one.
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path(), small(4096)).unwrap();
+    for i in 0..100 {
+        let l = wal.append(&[entry(i)]).await.unwrap();
+        if i % 4 != 0 {
+            wal.mark_delivered(&l).await.unwrap();
+        }
+    }
+    wal.close();
+    let segs = segments(dir.path());
+    assert!(segs.len() > 2, "{} segments", segs.len());
+    for s in &segs[1..] {
         assert_eq!(frames(&std::fs::read(s).unwrap())[0].2, Kind::Checkpoint);
     }
 }
