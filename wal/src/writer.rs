@@ -465,8 +465,12 @@ impl Writer {
         self.flush()?;
         self.sync()?;
         let first = self.next_lsn;
-        let cp = self.shared.state().checkpoint_within(self.checkpoint_limit());
-        let created = segment::create_segment(&*self.shared.io, &self.shared.dir, first, cp.as_ref());
+        let cp = self
+            .shared
+            .state()
+            .checkpoint_within(self.checkpoint_limit());
+        let created =
+            segment::create_segment(&*self.shared.io, &self.shared.dir, first, cp.as_ref());
         let (file, len) = match created {
             Ok(c) => c,
             // A half-made segment that may survive would shadow this one's tail.
@@ -475,7 +479,8 @@ impl Writer {
         };
         {
             let mut st = self.shared.state();
-            st.segments.insert(first, SegInfo::new(len, SystemTime::now()));
+            st.segments
+                .insert(first, SegInfo::new(len, SystemTime::now()));
             if cp.is_some() {
                 st.recovery_start = first;
             }

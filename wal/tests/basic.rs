@@ -468,7 +468,11 @@ async fn retention_keeps_the_segments_recovery_walks_after_a_checkpoint_was_skip
     assert_eq!(wal.status().pending, 140);
     drop(wal);
     let wal = Wal::open(dir.path(), cfg()).unwrap();
-    assert_eq!(wal.status().pending, 140, "delivered entries came back pending");
+    assert_eq!(
+        wal.status().pending,
+        140,
+        "delivered entries came back pending"
+    );
     for l in &old[..10] {
         assert_eq!(wal.status_of(*l), None, "LSN {l} was delivered");
     }
