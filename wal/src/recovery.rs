@@ -1,7 +1,8 @@
 //! Rebuilding the [`State`] from disk at open.
 //!
-//! 1. Find the newest segment whose first record is a CHECKPOINT (every rotated
-//!    segment starts with one). Without one, start from the oldest segment.
+//! 1. Find the newest segment whose first record is a CHECKPOINT (a rotated
+//!    segment starts with one unless the backlog made it too big; retention
+//!    keeps every segment from it on). Without one, start from the oldest segment.
 //! 2. Load the entries the checkpoint lists from the older segments, reading only
 //!    the frames at the offsets it names. The checkpoint's segment list says which
 //!    segment holds each; an entry whose segment is gone is delivered if a later

@@ -460,7 +460,8 @@ impl State {
     /// About how many bytes [`State::checkpoint`] would encode to.
     pub fn checkpoint_estimate(&self) -> u64 {
         16 * self.pending
-            + 64 * self.dead
+            + 24 * self.dead
+            + self.tracked.reason_bytes()
             + 32 * self.tombstones.len() as u64
             + 8 * (self.segments.len() + self.purged.len()) as u64
     }

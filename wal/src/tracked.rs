@@ -119,6 +119,8 @@ pub(crate) struct TrackedMap {
     wide: BTreeSet<u64>,
     /// Dead letters by LSN (few; ordered, so listing them stops at its limit).
     dead: BTreeMap<u64, (u32, String)>,
+    /// Bytes of the dead letters' reasons (a checkpoint carries them).
+    reason_bytes: u64,
     names: Vec<Arc<str>>,
     by_name: FxHashMap<Arc<str>, u32>,
 }
@@ -216,7 +218,7 @@ impl TrackedMap {
         };
         let old = self.remove(lsn);
         if let Tracked::Dead { attempts, reason } = status {
-            self.dead.insert(lsn, (attempts, reason));
+            self.set_dead(lsn, Some((attempts, reason)));
         }
         let alone = || Chunk::of(VecDeque::from([slot]));
         let Some(key) = self.chunk_key(lsn) else {
@@ -269,7 +271,7 @@ impl TrackedMap {
             let c = self.take_chunk(key);
             self.put_chunk(c.slots[0].lsn, c);
         }
-        Some(match self.dead.remove(&lsn) {
+        Some(match self.set_dead(lsn, None) {
             None => Tracked::Pending,
             Some((attempts, reason)) => Tracked::Dead { attempts, reason },
         })
@@ -296,13 +298,34 @@ impl TrackedMap {
     pub fn set_status(&mut self, lsn: u64, status: Tracked) -> Option<Tracked> {
         self.find(lsn)?;
         let old = match status {
-            Tracked::Pending => self.dead.remove(&lsn),
-            Tracked::Dead { attempts, reason } => self.dead.insert(lsn, (attempts, reason)),
+            Tracked::Pending => self.set_dead(lsn, None),
+            Tracked::Dead { attempts, reason } => self.set_dead(lsn, Some((attempts, reason))),
         };
         Some(match old {
             None => Tracked::Pending,
             Some((attempts, reason)) => Tracked::Dead { attempts, reason },
         })
+    }
+
+    /// Make `lsn` a dead letter with these details (`None`: not one);
+    /// answers the details it had.
+    fn set_dead(&mut self, lsn: u64, dead: Option<(u32, String)>) -> Option<(u32, String)> {
+        let old = match dead {
+            Some(d) => {
+                self.reason_bytes += d.1.len() as u64;
+                self.dead.insert(lsn, d)
+            }
+            None => self.dead.remove(&lsn),
+        };
+        if let Some((_, r)) = &old {
+            self.reason_bytes -= r.len() as u64;
+        }
+        old
+    }
+
+    /// Bytes of the dead letters' reasons.
+    pub fn reason_bytes(&self) -> u64 {
+        self.reason_bytes
     }
 
     /// The lowest LSN pending (not a dead letter).
@@ -424,6 +447,8 @@ mod tests {
                 prop_assert_eq!(m.get(l).map(|r| (r.id, r.status())), model.get(&l).map(|(_, s)| (id(l), s.clone())));
                 prop_assert_eq!(m.contains(l), model.contains_key(&l));
             }
+            let reasons: u64 = model.values().map(|(_, s)| match s { Tracked::Dead { reason, .. } => reason.len() as u64, _ => 0 }).sum();
+            prop_assert_eq!(m.reason_bytes(), reasons);
             let got: Vec<u64> = m.dead().map(|r| r.lsn).collect();
             let want: Vec<u64> = model.iter().filter(|(_, (_, s))| *s != Tracked::Pending).map(|(l, _)| *l).collect();
             prop_assert_eq!(got, want);

@@ -460,7 +460,8 @@ impl Wal {
         self.call(Op::Sync).await
     }
 
-    /// Seal the current segment and start a new one (with a checkpoint).
+    /// Seal the current segment and start a new one (with a checkpoint, unless
+    /// the backlog makes it too big: see docs/wal-format.md).
     pub async fn rotate(&self) -> Result<()> {
         self.call(Op::Rotate).await
     }

@@ -90,6 +90,8 @@ pub(crate) struct Writer {
     /// when this writer made the segment, the head checkpoint (which grows with
     /// the pending set and is not counted against `segment_bytes`).
     seg_head: u64,
+    /// Bytes of records in the segments sealed since the newest checkpoint head.
+    since_checkpoint: u64,
     pub next_lsn: u64,
     /// Highest LSN written to the file.
     pub written_lsn: u64,
@@ -125,6 +127,7 @@ impl Writer {
             // A segment continued at open: its checkpoint's length is not
             // known here, so it counts (one early rotation at most).
             seg_head: format::SEGMENT_HEADER_LEN as u64,
+            since_checkpoint: 0,
             next_lsn,
             written_lsn: next_lsn - 1,
             buf: Vec::with_capacity(1 << 20),
@@ -446,18 +449,23 @@ impl Writer {
     }
 
     /// Seal the current segment (fdatasync) and start the next, with a
-    /// checkpoint if it is at most a quarter of `segment_bytes`
-    /// ([`State::checkpoint_within`]): without one, recovery walks on from the
-    /// last segment that has one, and retention keeps that segment and the rest.
+    /// checkpoint if it is within [`Writer::checkpoint_limit`]: without one,
+    /// recovery walks on from the last segment that has one, and retention
+    /// keeps that segment and the rest.
     fn rotate(&mut self) -> Result<()> {
         self.seal_and_start()?;
         let _ = self.retention(false);
         Ok(())
     }
 
-    /// The largest checkpoint a rotation writes.
+    /// The largest checkpoint a rotation writes: a quarter of `segment_bytes`,
+    /// or an eighth of the records written since the last one. A checkpoint
+    /// lists every tracked entry, so under a big backlog (or many dead letters
+    /// that never leave) it is written only now and then: at most an eighth of
+    /// the bytes written, and recovery walks at most 8 × its size of records.
     fn checkpoint_limit(&self) -> u64 {
-        self.shared.config.segment_bytes / 4
+        let since = self.since_checkpoint + self.seg_len.saturating_sub(self.seg_head);
+        (self.shared.config.segment_bytes / 4).max(since / 8)
     }
 
     /// [`Writer::rotate`] without the retention after it.
@@ -465,6 +473,7 @@ impl Writer {
         self.flush()?;
         self.sync()?;
         let first = self.next_lsn;
+        let sealed = self.seg_len.saturating_sub(self.seg_head);
         let cp = self
             .shared
             .state()
@@ -490,6 +499,9 @@ impl Writer {
             self.next_lsn += 1;
             self.written_lsn = first;
             self.publish(first);
+            self.since_checkpoint = 0;
+        } else {
+            self.since_checkpoint += sealed;
         }
         self.file = file;
         self.seg_first = first;
@@ -524,10 +536,12 @@ impl Writer {
     fn retention(&mut self, forced: bool) -> Result<RetentionReport> {
         self.flush()?;
         self.sync()?;
+        let mut report = self.delete_segments(forced);
         // Segments done with, but walked at recovery since the last checkpoint
         // (rotations skipped it while the backlog was big): once a checkpoint
-        // is small again, start a segment with one, so they can go.
-        let blocked = {
+        // is within its limit again, start a segment with one, so they can go.
+        // Best effort: what could go has gone already.
+        let blocked = (self.seg_has_records || !self.buf.is_empty()) && {
             let st = self.shared.state();
             st.checkpoint_estimate() <= self.checkpoint_limit()
                 && st
@@ -536,8 +550,22 @@ impl Writer {
                     .any(|(_, info)| info.live == 0)
         };
         if blocked {
-            self.seal_and_start()?;
+            match self.seal_and_start() {
+                Ok(()) => {
+                    let more = self.delete_segments(forced);
+                    report.segments_deleted += more.segments_deleted;
+                    report.bytes_freed += more.bytes_freed;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not start a segment with a checkpoint for retention")
+                }
+            }
         }
+        Ok(report)
+    }
+
+    /// Retention's deletions (see [`Writer::retention`]), after the sync.
+    fn delete_segments(&mut self, forced: bool) -> RetentionReport {
         let mut report = RetentionReport::default();
         let cutoff = SystemTime::now()
             .checked_sub(self.shared.config.retention)
@@ -585,6 +613,6 @@ impl Writer {
                 "WAL retention deleted segments"
             );
         }
-        Ok(report)
+        report
     }
 }

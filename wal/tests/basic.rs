@@ -503,3 +503,33 @@ async fn a_drained_backlog_frees_its_segments_at_the_next_retention() {
     let wal = Wal::open(dir.path(), cfg()).unwrap();
     assert_eq!(wal.status().pending, 0);
 }
+
+/// Dead letters stay until an operator acts, and each is in every checkpoint:
+/// with enough of them a checkpoint never fits a quarter segment. Checkpoints
+/// are still written once an eighth of what was written since the last would
+/// hold one — before, none was ever written again, so retention kept every
+/// segment after the last (the disk filled with delivered records).
+#[tokio::test]
+async fn dead_letters_that_stay_do_not_stop_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = || WalConfig {
+        retention: std::time::Duration::ZERO,
+        ..small(4096)
+    };
+    let wal = Wal::open(dir.path(), cfg()).unwrap();
+    for n in 0..60 {
+        let l = wal.append(&[entry(n)]).await.unwrap();
+        wal.mark_failed(l[0], 5, &"x".repeat(100)).await.unwrap();
+    }
+    for chunk in 0..40 {
+        let batch: Vec<_> = (0..100).map(|n| entry(1000 + chunk * 100 + n)).collect();
+        let lsns = wal.append(&batch).await.unwrap();
+        wal.mark_delivered(&lsns).await.unwrap();
+    }
+    wal.run_retention().await.unwrap();
+    let left = segments(dir.path()).len();
+    assert!(left < 40, "{left} segments kept for 60 dead letters");
+    drop(wal);
+    let wal = Wal::open(dir.path(), cfg()).unwrap();
+    assert_eq!((wal.status().pending, wal.status().dead), (0, 60));
+}

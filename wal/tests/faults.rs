@@ -344,3 +344,42 @@ async fn a_failed_sync_under_interval_keeps_what_was_acknowledged() {
     let l = wal.append(&[entry(2)]).await.unwrap()[0];
     assert!(l > 1, "an acknowledged LSN was handed out again");
 }
+
+/// Retention first deletes what it can, then (best effort) starts a segment
+/// with a checkpoint to free the segments recovery would walk. Before, a
+/// failure to create that segment (a full disk) failed retention before it
+/// deleted anything, although deleting is what frees the disk.
+#[tokio::test]
+async fn a_failed_checkpoint_segment_at_retention_still_deletes_what_it_can() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = WalConfig {
+        retention: Duration::ZERO,
+        ..small_segments()
+    };
+    let (wal, io) = open_faulty(dir.path(), cfg);
+    let mut lsns = Vec::new();
+    for n in 0..30 {
+        lsns.extend(wal.append(&[sized(n, 20)]).await.unwrap());
+    }
+    // A small checkpoint heads the next segment; the 30 stay pending before it.
+    wal.rotate().await.unwrap();
+    for n in 30..180 {
+        lsns.extend(wal.append(&[sized(n, 20)]).await.unwrap());
+    }
+    wal.mark_delivered(&lsns).await.unwrap();
+    let before = wal.status().segments;
+    io.fail(FaultOp::Create, 0, Fault::NoSpace);
+    let report = wal.run_retention().await.unwrap();
+    assert!(
+        report.segments_deleted >= 1,
+        "the segment before the checkpoint goes: {report:?}"
+    );
+    // With the disk back, the segments walked since the checkpoint go too.
+    let report = wal.run_retention().await.unwrap();
+    assert!(report.segments_deleted >= 1, "{report:?}");
+    assert!(
+        wal.status().segments <= 2,
+        "{} of {before} segments left",
+        wal.status().segments
+    );
+}
