@@ -438,6 +438,14 @@ async fn a_backlog_too_big_for_a_checkpoint_rotates_without_one_and_recovers() {
     assert_eq!(wal.status().pending, 319);
 }
 
+/// 4 KiB segments that retention deletes as soon as nothing holds them.
+fn small_at_once() -> WalConfig {
+    WalConfig {
+        retention: std::time::Duration::ZERO,
+        ..small(4096)
+    }
+}
+
 /// Retention may delete only segments before the one recovery starts from:
 /// after rotations without a checkpoint, a segment whose own entries are all
 /// delivered may still hold the markers of older entries. Deleted, those
@@ -445,11 +453,7 @@ async fn a_backlog_too_big_for_a_checkpoint_rotates_without_one_and_recovers() {
 #[tokio::test]
 async fn retention_keeps_the_segments_recovery_walks_after_a_checkpoint_was_skipped() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = || WalConfig {
-        retention: std::time::Duration::ZERO,
-        ..small(4096)
-    };
-    let wal = Wal::open(dir.path(), cfg()).unwrap();
+    let wal = Wal::open(dir.path(), small_at_once()).unwrap();
     let mut old = Vec::new();
     for n in 0..150 {
         old.extend(wal.append(&[entry(n)]).await.unwrap());
@@ -467,7 +471,7 @@ async fn retention_keeps_the_segments_recovery_walks_after_a_checkpoint_was_skip
     wal.run_retention().await.unwrap();
     assert_eq!(wal.status().pending, 140);
     drop(wal);
-    let wal = Wal::open(dir.path(), cfg()).unwrap();
+    let wal = Wal::open(dir.path(), small_at_once()).unwrap();
     assert_eq!(
         wal.status().pending,
         140,
@@ -484,11 +488,7 @@ async fn retention_keeps_the_segments_recovery_walks_after_a_checkpoint_was_skip
 #[tokio::test]
 async fn a_drained_backlog_frees_its_segments_at_the_next_retention() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = || WalConfig {
-        retention: std::time::Duration::ZERO,
-        ..small(4096)
-    };
-    let wal = Wal::open(dir.path(), cfg()).unwrap();
+    let wal = Wal::open(dir.path(), small_at_once()).unwrap();
     let mut lsns = Vec::new();
     for n in 0..300 {
         lsns.extend(wal.append(&[entry(n)]).await.unwrap());
@@ -500,7 +500,7 @@ async fn a_drained_backlog_frees_its_segments_at_the_next_retention() {
     let left = segments(dir.path()).len();
     assert!(left <= 2, "{left} of {full} segments left ({report:?})");
     drop(wal);
-    let wal = Wal::open(dir.path(), cfg()).unwrap();
+    let wal = Wal::open(dir.path(), small_at_once()).unwrap();
     assert_eq!(wal.status().pending, 0);
 }
 
@@ -512,11 +512,7 @@ async fn a_drained_backlog_frees_its_segments_at_the_next_retention() {
 #[tokio::test]
 async fn dead_letters_that_stay_do_not_stop_retention() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = || WalConfig {
-        retention: std::time::Duration::ZERO,
-        ..small(4096)
-    };
-    let wal = Wal::open(dir.path(), cfg()).unwrap();
+    let wal = Wal::open(dir.path(), small_at_once()).unwrap();
     for n in 0..60 {
         let l = wal.append(&[entry(n)]).await.unwrap();
         wal.mark_failed(l[0], 5, &"x".repeat(100)).await.unwrap();
@@ -530,6 +526,6 @@ async fn dead_letters_that_stay_do_not_stop_retention() {
     let left = segments(dir.path()).len();
     assert!(left < 40, "{left} segments kept for 60 dead letters");
     drop(wal);
-    let wal = Wal::open(dir.path(), cfg()).unwrap();
+    let wal = Wal::open(dir.path(), small_at_once()).unwrap();
     assert_eq!((wal.status().pending, wal.status().dead), (0, 60));
 }
